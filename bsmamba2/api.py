@@ -1,0 +1,332 @@
+"""`Separator`: load a model once, then separate arrays and files with it.
+
+    separator = Separator("model.ckpt", device="auto", two_stems="vocals")
+    stems = separator.separate(wave, 48000)            # {"vocals": array, "no_vocals": array}
+    paths = separator.separate_file("song.flac", "separated")
+
+A track flows through as blocks: read (or sliced from the array) → resampled to the model's rate → chunked
+overlap-add (`apply.apply_model`) → resampled back → cut to the input's exact length → written (or collected).
+The command line (`bsmamba2 separate`) is a loop over `separate_file`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Full, Queue
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .apply import apply_model
+from .audio import BLOCK_FRAMES, AudioReader, AudioWriter, check_output_format, finite, resample_blocks
+from .checkpoint import load_model
+from .errors import BSMamba2Error
+
+log = logging.getLogger("bsmamba2")
+
+FILENAME_FIELDS = ("track", "stem", "ext")
+
+
+class Separator:
+    """A loaded model plus how to apply it and how to write its stems.
+
+    checkpoint: our checkpoint or a published BSMamba2 one; None = the bundled pretrained model.
+    device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
+    config: a Config or YAML path that overrides the checkpoint's own config.
+    stems: write only these model stems. two_stems: write this stem and `no_<stem>` = mixture − stem.
+    chunk_seconds, overlap, batch_size: the overlap-add settings (default: the config's `inference` section).
+    tta: also run each chunk with inverted polarity and swapped channels, and average.
+    file_format ("wav", "flac"), bit_depth ("16", "24", "32f"), filename (template with {track}, {stem}, {ext}),
+    force (overwrite existing stems), jobs (≥ 2: decode in one thread and encode in jobs − 1 threads beside
+    inference), progress (a tqdm bar per file).
+    """
+
+    def __init__(self, checkpoint: Union[str, Path, None] = None, device: str = "auto", *, config=None,
+                 stems: Optional[list[str]] = None, two_stems: Optional[str] = None,
+                 chunk_seconds: Optional[float] = None, overlap: Optional[float] = None,
+                 batch_size: Optional[int] = None, tta: bool = False, file_format: str = "wav",
+                 bit_depth: str = "24", filename: str = "{track}/{stem}.{ext}", force: bool = False,
+                 jobs: int = 1, progress: bool = False):
+        check_output_format(file_format, bit_depth)
+        check_filename_template(filename)
+        self.device = resolve_device(device)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        self.model = load_model(self.checkpoint, config, self.device)
+        inference = self.model.config.inference
+        self.chunk_seconds = inference.chunk_seconds if chunk_seconds is None else chunk_seconds
+        self.overlap = inference.overlap if overlap is None else overlap
+        self.batch_size = inference.batch_size if batch_size is None else batch_size
+        _check(self.chunk_seconds > 0, f"chunk length {self.chunk_seconds}: must be positive")
+        _check(0 <= self.overlap < 1, f"overlap {self.overlap}: must be in [0, 1)")
+        _check(self.batch_size >= 1, f"batch size {self.batch_size}: must be at least 1")
+        _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
+        self.tta, self.file_format, self.bit_depth = tta, file_format, bit_depth
+        self.filename, self.force, self.jobs, self.progress = filename, force, jobs, progress
+
+        available = ", ".join(self.model.stems)
+        for name in (stems or []) + ([two_stems] if two_stems else []):
+            _check(name in self.model.stems, f"stem {name!r}: this model has {available}")
+        _check(not (stems and two_stems), "choose either stems or two_stems, not both")
+        self.two_stems = two_stems
+        computed = [two_stems] if two_stems else list(stems or self.model.stems)
+        self._stem_index = [self.model.stems.index(name) for name in computed]
+        self.outputs = computed + ([f"no_{two_stems}"] if two_stems else [])
+        _check(len(self.outputs) == 1 or "{stem}" in filename,
+               f"--filename {filename!r}: needs {{stem}} to tell the {len(self.outputs)} stems apart")
+
+    def separate(self, audio, sample_rate: int) -> dict[str, np.ndarray]:
+        """Stems of a numpy array or tensor shaped (channels, samples), (samples, channels) or (samples,) with one
+        or two channels; each stem comes back as float32 in the input's layout."""
+        _check(isinstance(sample_rate, (int, np.integer)) and sample_rate > 0,
+               f"sample rate {sample_rate!r}: must be a positive integer")
+        array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if array.ndim == 1:
+            wave, restore = array[None], lambda stem: stem[0]
+        elif array.ndim == 2 and array.shape[0] in (1, 2):
+            wave, restore = array, lambda stem: stem
+        elif array.ndim == 2 and array.shape[1] in (1, 2):
+            wave, restore = array.T, lambda stem: stem.T
+        else:
+            raise BSMamba2Error(f"audio of shape {array.shape}: expected (channels, samples), (samples, channels) "
+                                "or (samples,) with one or two channels")
+        _check(wave.shape[1] > 0, "audio has no samples")
+        wave, nonfinite = finite(wave)
+        if nonfinite:
+            log.warning("%d NaN/Inf samples replaced by silence", nonfinite)
+        blocks = (wave[:, start:start + BLOCK_FRAMES] for start in range(0, wave.shape[1], BLOCK_FRAMES))
+        separated = np.concatenate(list(self._separate_blocks(blocks, int(sample_rate))), axis=-1)
+        return {name: restore(stem) for name, stem in zip(self.outputs, separated)}
+
+    def separate_file(self, path: Union[str, Path], out_dir: Union[str, Path, None] = None) -> dict:
+        """Separate an audio file. With `out_dir`, write the stems there (named by the filename template) and
+        return their paths; without, return the stems as (channels, samples) float32 arrays."""
+        path = Path(path)
+        started = time.perf_counter()
+        with AudioReader(path) as reader:
+            writers = None
+            if out_dir is not None:
+                writers = StemWriters(self.output_paths(path, out_dir), reader.sample_rate, reader.channels,
+                                      self.file_format, self.bit_depth, self.force, threads=self.jobs - 1)
+            blocks = reader.blocks()
+            if self.jobs > 1:
+                blocks = prefetched(blocks)
+            collected = []
+            bar = tqdm(total=round(reader.seconds, 2), unit="s", desc=path.name, leave=False,
+                       disable=not self.progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                       "{n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
+            try:
+                for block in self._separate_blocks(blocks, reader.sample_rate):
+                    if writers is None:
+                        collected.append(block)
+                    else:
+                        writers.write(block)
+                    bar.update(block.shape[-1] / reader.sample_rate)
+                result = writers.commit() if writers else dict(zip(self.outputs, np.concatenate(collected, -1)))
+            except BaseException:
+                if writers is not None:
+                    writers.discard()
+                raise
+            finally:
+                blocks.close()  # stops a decoding thread before the file closes under it
+                bar.close()
+            seconds = reader.frames_read / reader.sample_rate
+        wall = time.perf_counter() - started
+        log.info("%s: %.1f s of audio in %.1f s, real-time factor %.3f", path, seconds, wall, wall / seconds)
+        return result
+
+    def output_paths(self, path: Union[str, Path], out_dir: Union[str, Path]) -> dict[str, Path]:
+        """Where `separate_file(path, out_dir)` writes each stem."""
+        return {name: Path(out_dir) / self.filename.format(track=Path(path).stem, stem=name, ext=self.file_format)
+                for name in self.outputs}
+
+    def _separate_blocks(self, blocks: Iterable[np.ndarray], sample_rate: int) -> Iterator[np.ndarray]:
+        """(channels, n) blocks at `sample_rate` → (outputs, channels, n) blocks of the same total length."""
+        source = Tap(blocks, keep=self.two_stems is not None)
+        estimates = apply_model(self.model, resample_blocks(source, sample_rate, self.model.sample_rate),
+                                chunk_seconds=self.chunk_seconds, overlap=self.overlap,
+                                batch_size=self.batch_size, tta=self.tta, device=self.device)
+        selected = (estimate[self._stem_index] for estimate in estimates)
+        for block in exact_length(resample_blocks(selected, self.model.sample_rate, sample_rate), source):
+            if self.two_stems:
+                block = np.concatenate([block, source.take(block.shape[-1])[None] - block])
+            yield block
+
+
+class Tap:
+    """Passes blocks through, counting their samples in `frames`; with `keep`, also queues them so that
+    `take(n)` returns the oldest n samples not yet taken (the mixture that an output block came from)."""
+
+    def __init__(self, blocks: Iterable[np.ndarray], keep: bool = False):
+        self.blocks, self.keep = blocks, keep
+        self.frames = 0
+        self.queue = deque()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for block in self.blocks:
+            self.frames += block.shape[-1]
+            if self.keep:
+                self.queue.append(block)
+            yield block
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            block = self.queue.popleft()
+            parts.append(block[..., :n])
+            if block.shape[-1] > n:
+                self.queue.appendleft(block[..., n:])
+            n -= parts[-1].shape[-1]
+        return np.concatenate(parts, axis=-1)
+
+
+def exact_length(blocks: Iterable[np.ndarray], source: Tap) -> Iterator[np.ndarray]:
+    """Cut or zero-extend a resampled stream to the number of input samples (a resampling round trip may be off
+    by a sample). Output is held back while it runs ahead of the input read so far."""
+    held, emitted = None, 0
+    for block in blocks:
+        held = block if held is None else np.concatenate([held, block], axis=-1)
+        ready = min(held.shape[-1], source.frames - emitted)
+        if ready > 0:
+            yield held[..., :ready]
+            held, emitted = held[..., ready:], emitted + ready
+    # the input has run out: `source.frames` is final
+    if held is not None and source.frames > emitted:
+        yield np.zeros((*held.shape[:-1], source.frames - emitted), np.float32)
+
+
+class StemWriters:
+    """The stem files of one track, written under temporary names and renamed together by `commit`. With
+    `threads`, encoding runs in that many background threads (each file's blocks stay in order)."""
+
+    def __init__(self, paths: dict[str, Path], sample_rate: int, channels: int, file_format: str, bit_depth: str,
+                 force: bool, threads: int = 0):
+        for path in paths.values():
+            if path.exists() and not force:
+                raise BSMamba2Error(f"{path} already exists (use --force to overwrite)")
+        self.pools, self.pending, self.writers = [], deque(), {}
+        try:
+            for name, path in paths.items():
+                self.writers[name] = AudioWriter(path, sample_rate, channels, file_format, bit_depth)
+        except BaseException:
+            self.discard()
+            raise
+        self.pools = [ThreadPoolExecutor(1) for _ in range(min(threads, len(self.writers)))]
+
+    def write(self, block: np.ndarray) -> None:
+        """Append one (stems, channels, n) block."""
+        for index, (writer, stem) in enumerate(zip(self.writers.values(), block)):
+            if self.pools:
+                self.pending.append(self.pools[index % len(self.pools)].submit(writer.write, stem))
+            else:
+                writer.write(stem)
+        while len(self.pending) > 4 * len(self.writers):  # bounded: encoding may lag inference only a little
+            self.pending.popleft().result()
+
+    def commit(self) -> dict[str, Path]:
+        while self.pending:
+            self.pending.popleft().result()
+        self._stop_threads()
+        return {name: writer.commit() for name, writer in self.writers.items()}
+
+    def discard(self) -> None:
+        self._stop_threads()
+        for writer in self.writers.values():
+            writer.discard()
+
+    def _stop_threads(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+
+def prefetched(blocks: Iterable[np.ndarray], depth: int = 4) -> Iterator[np.ndarray]:
+    """Iterate `blocks` in a background thread, up to `depth` blocks ahead, so decoding overlaps inference."""
+    queue: Queue = Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return
+            except Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                put(("block", block))
+                if stop.is_set():
+                    return
+            put(("end", None))
+        except BaseException as error:  # handed to the consuming thread, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="bsmamba2-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from "auto" (CUDA, else MPS, else CPU) or a name; a named device that is not there is an
+    error, never a silent fallback."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BSMamba2Error(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BSMamba2Error(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BSMamba2Error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not mps_available:
+        raise BSMamba2Error(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BSMamba2Error(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def default_checkpoint() -> Path:
+    """The bundled pretrained model, used whenever no checkpoint is named."""
+    try:
+        from .pretrained import default_checkpoint as bundled_checkpoint
+    except ImportError:
+        raise BSMamba2Error("no checkpoint given and no bundled pretrained model is installed: "
+                            "pass --checkpoint PATH (a BSMamba2 checkpoint, ours or a published one)") from None
+    return Path(bundled_checkpoint())
+
+
+def check_filename_template(template: str) -> None:
+    """A relative path with only {track}, {stem} and {ext} fields."""
+    try:
+        example = template.format(**{field: field for field in FILENAME_FIELDS})
+    except (KeyError, IndexError, ValueError) as error:
+        raise BSMamba2Error(f"--filename {template!r}: bad template ({error}); the fields are "
+                            + ", ".join("{%s}" % field for field in FILENAME_FIELDS)) from None
+    example = Path(example)
+    _check(not example.is_absolute() and ".." not in example.parts and example.name,
+           f"--filename {template!r}: must be a relative path inside the output folder")
+
+
+def _check(condition, message: str) -> None:
+    if not condition:
+        raise BSMamba2Error(message)

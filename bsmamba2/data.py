@@ -1,0 +1,260 @@
+"""Training and validation data from MUSDB18-HQ-style folders or the `.stem.mp4` MUSDB18 release.
+
+Training examples follow the paper (SPEC §4): every source stem comes from its own random track and random
+position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is the
+sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional: segments
+whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped.
+
+Example `index` is a pure function of `(seed, index)`: whichever worker or rank draws it, it is the same, so
+worker seeding, multi-process splits and exact resumption all reduce to "which indices come next"
+(`StreamBatches`). Only the needed frames of each stem are read from disk.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .config import Config
+from .errors import BSMamba2Error
+from .musdb import list_tracks, read_stem, stem_info, stem_path
+
+# Redraws of a too-quiet stem before accepting whatever came last (a track may be silent throughout).
+ACTIVITY_TRIES = 10
+
+
+class FolderTrack:
+    """A track folder holding one audio file per stem; `frames` is the shortest stem's length."""
+
+    def __init__(self, directory: Path, stems: list[str], sample_rate: int):
+        self.directory = directory
+        self.name = directory.name
+        self.has_mixture = _has_stem(directory, "mixture")
+        lengths = []
+        for stem in stems + ["mixture"] * self.has_mixture:
+            info = stem_info(directory, stem)
+            if info.sample_rate != sample_rate:
+                raise BSMamba2Error(f"{info.path}: sample rate {info.sample_rate} Hz, the config wants "
+                                    f"{sample_rate} Hz (audio.sample_rate); resample the data set first")
+            lengths.append(info.frames)
+        self.frames = min(lengths)
+
+    def read(self, stem: str, start: int, frames: int) -> np.ndarray:
+        return read_stem(self.directory, stem, start, frames)
+
+
+class StemsFileTrack:
+    """A track of the `.stem.mp4` MUSDB18 release, decoded through the `musdb` package (ffmpeg)."""
+
+    def __init__(self, track, sample_rate: int):
+        if track.rate != sample_rate:
+            raise BSMamba2Error(f"{track.path}: sample rate {track.rate} Hz, the config wants {sample_rate} Hz "
+                                f"(audio.sample_rate)")
+        self.track = track
+        self.name = track.name
+        self.has_mixture = True
+        self.frames = int(track.samples)
+        self.rate = sample_rate
+
+    def read(self, stem: str, start: int, frames: int) -> np.ndarray:
+        stem_id = self.track.stem_id if stem == "mixture" else self._source(stem).stem_id
+        duration = None if frames < 0 else frames / self.rate
+        audio = self.track.load_audio(self.track.path, stem_id, start / self.rate, duration)
+        audio = np.ascontiguousarray(audio.T, dtype=np.float32)
+        return audio if frames < 0 else _fit_length(audio, frames)  # ffmpeg may return a sample more or less
+
+    def _source(self, stem: str):
+        if stem not in self.track.sources:
+            raise BSMamba2Error(f"{self.track.path}: no {stem} stem (has {', '.join(self.track.sources)})")
+        return self.track.sources[stem]
+
+
+def open_tracks(root: str, subset: str, stems: list[str], sample_rate: int) -> list:
+    """The tracks of `root/subset`: track folders, or `.stem.mp4` files read through `musdb`."""
+    subset_dir = Path(root) / subset
+    if subset_dir.is_dir() and any(name.endswith(".stem.mp4") for name in os.listdir(subset_dir)):
+        return [StemsFileTrack(track, sample_rate) for track in _musdb_tracks(root, subset)]
+    return [FolderTrack(directory, stems, sample_rate) for directory in list_tracks(root, subset)]
+
+
+def _musdb_tracks(root: str, subset: str) -> list:
+    try:
+        import musdb
+    except ImportError:
+        raise BSMamba2Error(f"{root}/{subset} holds .stem.mp4 files, which need the optional `musdb` package "
+                            f"and ffmpeg: pip install musdb (or use the MUSDB18-HQ wav release)") from None
+    return musdb.DB(root=str(root), subsets=[subset], is_wav=False, download=False).tracks
+
+
+def split_tracks(config: Config) -> tuple[list, list]:
+    """(training tracks, validation tracks) as `config.data` says; validation tracks never train."""
+    data, stems = config.data, config.data.sources
+    if data.root is None:
+        raise BSMamba2Error("data.root: not set (a MUSDB18-HQ-style folder with train/ and test/)")
+    rate = config.audio.sample_rate
+    train = open_tracks(data.root, data.train_subset, stems, rate)
+    pool = train if data.valid_subset == data.train_subset else open_tracks(data.root, data.valid_subset, stems, rate)
+    if not data.valid_tracks:
+        valid = pool
+    else:
+        by_name = {track.name: track for track in pool}
+        missing = [name for name in data.valid_tracks if name not in by_name]
+        if missing:
+            raise BSMamba2Error(f"data.valid_tracks: {len(missing)} track(s) not in {data.root}/{data.valid_subset}, "
+                                f"e.g. {missing[0]!r}")
+        valid = [by_name[name] for name in data.valid_tracks]
+    if pool is train:
+        held_out = {track.name for track in valid}
+        train = [track for track in train if track.name not in held_out]
+    if not train:
+        raise BSMamba2Error(f"{data.root}/{data.train_subset}: no training tracks left after taking out the "
+                            f"validation tracks (data.valid_tracks / data.valid_subset)")
+    return train, valid
+
+
+class TrainingSegments(Dataset):
+    """Example `index` → (mixture (channels, samples), targets (stems, channels, samples)), float32 tensors."""
+
+    def __init__(self, tracks: list, config: Config):
+        self.tracks = tracks
+        self.data = config.data
+        self.sources = config.data.sources
+        self.target_positions = [self.sources.index(stem) for stem in config.model.stems]
+        self.frames = round(config.data.segment_seconds * config.audio.sample_rate)
+        self.channels = config.audio.channels
+        self.seed = config.training.seed
+        self.attempts = ACTIVITY_TRIES if config.data.min_activity_db is not None else 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        if self.data.mix_different_tracks:
+            # Distinct tracks for the stems whenever there are enough of them.
+            picks = rng.choice(len(self.tracks), size=len(self.sources), replace=len(self.tracks) < len(self.sources))
+            stems = [self._active_segment(rng, stem, int(pick)) for stem, pick in zip(self.sources, picks)]
+        else:
+            stems = self._aligned_segments(rng)
+        for audio in stems:
+            if self.data.channel_swap and rng.random() < 0.5:
+                audio[:] = audio[::-1].copy()
+            if self.data.polarity_flip and rng.random() < 0.5:
+                audio *= -1
+        gains = rng.uniform(*self.data.gain_range, size=len(stems)) * (rng.random(len(stems)) >= self.data.silence_prob)
+        stems = np.stack(stems) * gains[:, None, None].astype(np.float32)
+        mixture = stems.sum(axis=0)
+        return torch.from_numpy(mixture), torch.from_numpy(stems[self.target_positions])
+
+    def _active_segment(self, rng: np.random.Generator, stem: str, track: int) -> np.ndarray:
+        """One stem's segment from `track`; when filtering, redrawn (track and position) while too quiet."""
+        for attempt in range(self.attempts):
+            if attempt:
+                track = int(rng.integers(len(self.tracks)))
+            audio = self._read(self.tracks[track], stem, self._start(rng, self.tracks[track]))
+            if self._active(audio):
+                break
+        return audio
+
+    def _aligned_segments(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """All stems from one track at one position (a real song excerpt); filtering looks at the targets."""
+        for _ in range(self.attempts):
+            track = self.tracks[int(rng.integers(len(self.tracks)))]
+            start = self._start(rng, track)
+            stems = [self._read(track, stem, start) for stem in self.sources]
+            if all(self._active(stems[i]) for i in self.target_positions):
+                break
+        return stems
+
+    def _active(self, audio: np.ndarray) -> bool:
+        return self.data.min_activity_db is None or level_db(audio) >= self.data.min_activity_db
+
+    def _start(self, rng: np.random.Generator, track) -> int:
+        return int(rng.integers(max(track.frames - self.frames, 0) + 1))
+
+    def _read(self, track, stem: str, start: int) -> np.ndarray:
+        return to_channels(_fit_length(track.read(stem, start, self.frames), self.frames), self.channels)
+
+
+class StreamBatches(Sampler):
+    """Endless micro-batches of example indices for one rank, from micro-batch `start` on.
+
+    Global micro-batch k holds indices [k·B·W, (k+1)·B·W); rank r takes its r-th slice of B. With W ranks of
+    batch B the examples are exactly those of one process with batch W·B (DistributedSampler-style).
+    """
+
+    def __init__(self, start: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start, self.batch_size, self.rank, self.world_size = start, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for micro_batch in itertools.count(self.start):
+            first = (micro_batch * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+
+@dataclass
+class ValidationItem:
+    name: str
+    mixture: np.ndarray  # (channels, samples)
+    targets: np.ndarray  # (stems, channels, samples)
+
+
+class ValidationTracks:
+    """Fixed validation audio: whole tracks, or the middle `valid_segment_seconds` of each."""
+
+    def __init__(self, tracks: list, config: Config):
+        self.tracks = tracks
+        self.stems = config.model.stems
+        self.sources = config.data.sources
+        self.channels = config.audio.channels
+        seconds = config.data.valid_segment_seconds
+        self.frames = round(seconds * config.audio.sample_rate) if seconds > 0 else -1
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+    def __getitem__(self, position: int) -> ValidationItem:
+        track = self.tracks[position]
+        frames = track.frames if self.frames < 0 else min(self.frames, track.frames)
+        start = (track.frames - frames) // 2
+
+        def read(stem):
+            return to_channels(track.read(stem, start, frames), self.channels)
+
+        targets = np.stack([read(stem) for stem in self.stems])
+        mixture = read("mixture") if track.has_mixture else sum(read(stem) for stem in self.sources)
+        return ValidationItem(track.name, mixture, targets)
+
+
+def level_db(audio: np.ndarray) -> float:
+    """RMS level in dBFS over all channels and samples (−inf for digital silence)."""
+    mean_square = float(np.mean(np.square(audio, dtype=np.float64)))
+    return 10 * math.log10(mean_square) if mean_square > 0 else -math.inf
+
+
+def to_channels(audio: np.ndarray, channels: int) -> np.ndarray:
+    """(c, s) → (channels, s): mono is duplicated, stereo averaged to mono when one channel is wanted."""
+    if audio.shape[0] == channels:
+        return audio
+    if channels == 1:
+        return audio.mean(axis=0, keepdims=True)
+    return np.repeat(audio[:1], channels, axis=0)
+
+
+def _fit_length(audio: np.ndarray, frames: int) -> np.ndarray:
+    """Zero-pad at the end (a track shorter than a segment) or cut to exactly `frames` samples."""
+    if audio.shape[1] >= frames:
+        return audio[:, :frames]
+    return np.pad(audio, ((0, 0), (0, frames - audio.shape[1])))
+
+
+def _has_stem(directory: Path, stem: str) -> bool:
+    try:
+        stem_path(directory, stem)
+    except BSMamba2Error:
+        return False
+    return True

@@ -1,0 +1,212 @@
+"""`bsmamba2 evaluate`: separate every track of a MUSDB18-HQ-style folder and score each stem (uSDR, cSDR).
+
+    bsmamba2 evaluate --checkpoint model.ckpt --data MUSDB18HQ [--subset test] [--tracks NAME ...] [-o results]
+
+Writes OUT/results.json ({"tracks": {track: {stem: {"usdr", "csdr"}}}, "aggregate": {stem: {"usdr": {"mean",
+"median", "std", "count"}, "csdr": {...}}}}, undefined scores as null, aggregates over the defined ones),
+OUT/results.csv (one row per track and stem) and prints a table. Both files are rewritten after every track, so
+an interrupted run keeps the tracks done so far. `--save-estimates` keeps the separated stems as float32 WAV in
+OUT/estimates/<subset>/<track>/<stem>.wav (museval's estimates layout; float, so the scores can be recomputed
+exactly).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .audio import AudioWriter
+from .errors import BSMamba2Error
+from .metrics import museval_missing_reason, score_track
+from .musdb import list_tracks, read_stem, stem_info, stem_path
+
+log = logging.getLogger("bsmamba2")
+
+METRICS = ("usdr", "csdr")
+RESULT_FILES = ("results.json", "results.csv")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (ours or a published BSMamba2 one)")
+    parser.add_argument("--config", help="model config YAML, overriding the one stored in the checkpoint")
+    parser.add_argument("--data", required=True, metavar="ROOT",
+                        help="MUSDB18-HQ-style folder: ROOT/<subset>/<track>/{mixture,<stem>}.wav|flac")
+    parser.add_argument("--subset", default="test", help="subset folder under ROOT (default: test)")
+    parser.add_argument("--tracks", nargs="+", metavar="NAME", help="evaluate only these tracks (folder names)")
+    parser.add_argument("-o", "--out", default="results", metavar="DIR", help="output folder (default: results)")
+    parser.add_argument("--save-estimates", action="store_true",
+                        help="keep the separated stems in OUT/estimates/<subset>/<track>/<stem>.wav")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--chunk", type=float, metavar="SECONDS",
+                        help="overlap-add chunk length (default: the config's inference.chunk_seconds)")
+    parser.add_argument("--overlap", type=float, metavar="FRACTION",
+                        help="overlap between chunks (default: the config's inference.overlap)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="chunks per forward pass (default: the config's inference.batch_size)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (channel swap, polarity)")
+    parser.add_argument("--no-csdr", action="store_true",
+                        help="skip cSDR (museval; slow on long tracks): report uSDR only")
+    parser.add_argument("--force", action="store_true", help="overwrite existing results and estimates")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the table is printed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    tracks = select_tracks(args.data, args.subset, args.tracks)
+    out = Path(args.out)
+    estimates_dir = out / "estimates" / args.subset
+    existing = [out / name for name in RESULT_FILES if (out / name).exists()]
+    if args.save_estimates and estimates_dir.exists():
+        existing.append(estimates_dir)
+    if existing and not args.force:
+        raise BSMamba2Error(f"{existing[0]} exists; pass --force to overwrite")
+
+    with_csdr = not args.no_csdr
+    if with_csdr and (reason := museval_missing_reason()):
+        log.warning("cSDR unavailable, reporting uSDR only: %s", reason)
+        with_csdr = False
+
+    from .api import Separator  # imports torch: only once a run starts, so `--help` stays quick
+    separator = Separator(args.checkpoint, args.device, config=args.config, chunk_seconds=args.chunk,
+                          overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
+    stems = separator.outputs
+    for track_dir in tracks:  # fail before hours of separation, not in the middle
+        for stem in ("mixture", *stems):
+            stem_path(track_dir, stem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BSMamba2Error(f"cannot create the output folder {out}: {error.strerror or error}") from None
+
+    results: dict = {}
+    started = time.perf_counter()
+    progress = tqdm(tracks, desc="evaluate", unit="track", disable=args.quiet)
+    for track_dir in progress:
+        mixture, references, sample_rate = read_track(track_dir, stems)
+        separated = separator.separate(mixture, sample_rate)
+        estimates = {stem: separated[stem] for stem in stems}
+        if args.save_estimates:
+            for stem, audio in estimates.items():
+                writer = AudioWriter(estimates_dir / track_dir.name / f"{stem}.wav", sample_rate, len(audio),
+                                     "wav", "32f")
+                writer.write(audio)
+                writer.commit()
+        results[track_dir.name] = score_track(references, estimates, mixture, sample_rate, with_csdr)
+        write_results(out, results)
+        progress.set_postfix_str(", ".join(f"{stem} uSDR {results[track_dir.name][stem]['usdr']:.2f}"
+                                           for stem in stems))
+    progress.close()
+    log.info("evaluated %d tracks in %.0f s; results in %s", len(tracks), time.perf_counter() - started, out)
+    print(format_table(results, stems))
+    return 0
+
+
+def select_tracks(root, subset: str, names) -> list[Path]:
+    """The track folders to evaluate: all of ROOT/subset, or the named ones (each must exist)."""
+    tracks = list_tracks(root, subset)
+    if not names:
+        return tracks
+    by_name = {track.name: track for track in tracks}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise BSMamba2Error(f"{Path(root) / subset}: no track named {unknown[0]!r}"
+                            + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return [by_name[name] for name in dict.fromkeys(names)]
+
+
+def read_track(track_dir: Path, stems: list) -> tuple:
+    """The mixture, the reference stems and the sample rate of a track, checking that all files agree."""
+    mixture_info = stem_info(track_dir, "mixture")
+    for stem in stems:
+        info = stem_info(track_dir, stem)
+        if (info.sample_rate, info.channels, info.frames) != (mixture_info.sample_rate, mixture_info.channels,
+                                                             mixture_info.frames):
+            raise BSMamba2Error(
+                f"{info.path}: {info.sample_rate} Hz, {info.channels} channels, {info.frames} samples, but the "
+                f"mixture has {mixture_info.sample_rate} Hz, {mixture_info.channels} channels, "
+                f"{mixture_info.frames} samples")
+    references = {stem: read_stem(track_dir, stem) for stem in stems}
+    return read_stem(track_dir, "mixture"), references, mixture_info.sample_rate
+
+
+def aggregate(results: dict, stems: list) -> dict:
+    """Mean, median, population std and count over the tracks where a score is defined (None when none is)."""
+    summary = {}
+    for stem in stems:
+        summary[stem] = {}
+        for metric in METRICS:
+            values = np.array([scores[stem][metric] for scores in results.values()
+                               if not math.isnan(scores[stem][metric])])
+            defined = len(values) > 0
+            summary[stem][metric] = {
+                "mean": float(np.mean(values)) if defined else None,
+                "median": float(np.median(values)) if defined else None,
+                "std": float(np.std(values)) if defined else None,
+                "count": len(values),
+            }
+    return summary
+
+
+def write_results(out: Path, results: dict) -> None:
+    """OUT/results.json and OUT/results.csv for the tracks scored so far."""
+    stems = list(next(iter(results.values())))
+    document = {
+        "tracks": {track: {stem: {metric: _defined(value) for metric, value in scores.items()}
+                           for stem, scores in track_scores.items()}
+                   for track, track_scores in results.items()},
+        "aggregate": aggregate(results, stems),
+    }
+    write_text_atomic(out / "results.json", json.dumps(document, indent=2) + "\n")
+
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["track", "stem", *METRICS])
+    for track, track_scores in results.items():
+        for stem, scores in track_scores.items():
+            writer.writerow([track, stem, *("" if math.isnan(scores[m]) else f"{scores[m]:.6f}" for m in METRICS)])
+    write_text_atomic(out / "results.csv", table.getvalue())
+
+
+def format_table(results: dict, stems: list) -> str:
+    """Per-track scores in dB, then the mean and median over tracks."""
+    columns = [f"{metric[0]}SDR {stem}" for stem in stems for metric in METRICS]
+    rows = [(track, [scores[stem][metric] for stem in stems for metric in METRICS])
+            for track, scores in results.items()]
+    summary = aggregate(results, stems)
+    for statistic in ("mean", "median"):
+        rows.append((statistic, [summary[stem][metric][statistic] for stem in stems for metric in METRICS]))
+    name_width = max(len(name) for name, _ in rows + [("track", None)])
+    width = max(8, *(len(column) for column in columns))
+    lines = ["  ".join(["track".ljust(name_width), *(column.rjust(width) for column in columns)])]
+    for index, (name, values) in enumerate(rows):
+        if index == len(results):
+            lines.append("-" * len(lines[0]))
+        cells = ["n/a" if _defined(value) is None else f"{value:.2f}" for value in values]
+        lines.append("  ".join([name.ljust(name_width), *(cell.rjust(width) for cell in cells)]))
+    return "\n".join(lines)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it to `path`: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _defined(value):
+    return None if value is None or math.isnan(value) else value

@@ -1,0 +1,34 @@
+"""The paper's training loss (SPEC §4): waveform L1 plus multi-resolution complex-STFT L1."""
+import torch
+from torch import nn
+
+from .config import LossConfig
+
+
+class MultiResolutionLoss(nn.Module):
+    """`waveform_weight·L1(wave) + stft_weight·Σ_w L1(STFT_w)`, estimate and target of the same shape.
+
+    The STFT of each resolution uses a Hann window of length w, n_fft = max(w, stft_min_n_fft), the shared hop,
+    and compares real and imaginary parts. The STFT is linear, so STFT(estimate) − STFT(target) is computed as
+    STFT(estimate − target): one transform per resolution instead of two.
+    """
+
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        self.waveform_weight = config.waveform_weight
+        self.stft_weight = config.stft_weight
+        self.windows = list(config.stft_windows)
+        self.hop = config.stft_hop
+        self.min_n_fft = config.stft_min_n_fft
+
+    def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        error = (estimate - target).float().reshape(-1, estimate.shape[-1])
+        loss = self.waveform_weight * error.abs().mean()
+        if self.stft_weight == 0:
+            return loss
+        for window_length in self.windows:
+            n_fft = max(window_length, self.min_n_fft)
+            spec = torch.stft(error, n_fft, self.hop, window_length,
+                              torch.hann_window(window_length, device=error.device), return_complex=True)
+            loss = loss + self.stft_weight * torch.view_as_real(spec).abs().mean()
+        return loss

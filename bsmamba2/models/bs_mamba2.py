@@ -1,0 +1,129 @@
+"""BSMamba2: band-split STFT front end, dual-path bidirectional Mamba2, complex masks (SPEC §2).
+
+    wave (b, c, s) ─STFT→ (b, t, f·c·2) ─band split→ (b, t, bands, dim)
+        ─depth × [BiMamba2 over time, BiMamba2 over bands]→ RMSNorm
+        ─per stem: per band MLP → GLU → complex mask → × mixture STFT ─iSTFT→ (b, stems, c, s)
+
+Module and parameter names equal those of the published checkpoints (layers.i.0 = time block, layers.i.1 = band
+block, band_split.to_features.k, mask_estimators.s.to_freqs.k, final_norm), so those load as they are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .mamba2 import BidirectionalMamba2
+
+
+class RMSNorm(nn.Module):
+    """BS-RoFormer's RMSNorm: unit L2 norm times sqrt(dim) times a learned gain (`gamma`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * self.scale * self.gamma
+
+
+class BandSplit(nn.Module):
+    """Per band: RMSNorm then Linear(band values → dim). (b, t, Σ sizes) → (b, t, bands, dim)."""
+
+    def __init__(self, dim: int, band_sizes: list[int]):
+        super().__init__()
+        self.band_sizes = band_sizes
+        self.to_features = nn.ModuleList(nn.Sequential(RMSNorm(size), nn.Linear(size, dim)) for size in band_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bands = x.split(self.band_sizes, dim=-1)
+        return torch.stack([to_feature(band) for to_feature, band in zip(self.to_features, bands)], dim=-2)
+
+
+class MaskEstimator(nn.Module):
+    """Per band: Linear(dim → hidden) → Tanh → Linear(hidden → 2·size) → GLU. (b, t, bands, dim) → (b, t, Σ sizes)."""
+
+    def __init__(self, dim: int, band_sizes: list[int], hidden_factor: int):
+        super().__init__()
+        hidden = dim * hidden_factor
+        self.to_freqs = nn.ModuleList(
+            nn.Sequential(nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * size)), nn.GLU(dim=-1))
+            for size in band_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([to_freq(band) for to_freq, band in zip(self.to_freqs, x.unbind(dim=-2))], dim=-1)
+
+
+class DualPathLayer(nn.ModuleList):
+    """[0]: bidirectional Mamba2 along time (one sequence per band), [1]: along bands (one per frame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time_block, band_block = self
+        b, t, k, d = x.shape
+        x = x.transpose(1, 2).reshape(b * k, t, d)
+        x = time_block(x)
+        x = x.reshape(b, k, t, d).transpose(1, 2).reshape(b * t, k, d)
+        x = band_block(x)
+        return x.reshape(b, t, k, d)
+
+
+class BSMamba2(nn.Module):
+    def __init__(self, *, stems: list[str], sample_rate: int = 44100, audio_channels: int = 2, n_fft: int = 2048,
+                 hop_length: int = 441, band_widths: list[int], dim: int = 256, depth: int = 6,
+                 mask_hidden_factor: int = 4, d_state: int = 128, expand: int = 4, headdim: int = 64,
+                 ngroups: int = 1, d_conv: int = 4, scan_chunk_size: int = 128, scan_backend: str = "auto",
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.stems = list(stems)
+        self.sample_rate = sample_rate
+        self.audio_channels = audio_channels
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.gradient_checkpointing = gradient_checkpointing
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+        # a band's values: its bins × stereo channels × (real, imaginary), channel fastest ("b (f c) t")
+        band_sizes = [2 * audio_channels * width for width in band_widths]
+        mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
+                     chunk_size=scan_chunk_size, scan_backend=scan_backend)
+        self.band_split = BandSplit(dim, band_sizes)
+        self.layers = nn.ModuleList(
+            DualPathLayer([BidirectionalMamba2(dim, **mixer), BidirectionalMamba2(dim, **mixer)])
+            for _ in range(depth))
+        self.final_norm = RMSNorm(dim)
+        self.mask_estimators = nn.ModuleList(
+            MaskEstimator(dim, band_sizes, mask_hidden_factor) for _ in self.stems)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, samples) → (batch, stems, channels, samples), any number of samples."""
+        batch, channels, samples = wave.shape
+        if channels != self.audio_channels:
+            raise ValueError(f"expected {self.audio_channels} audio channels, got {channels}")
+        # centered STFT reflects n_fft/2 samples at each edge: give very short inputs room (zeros) to do so
+        padded = max(samples, self.n_fft)
+        wave = F.pad(wave.float(), (0, padded - samples))
+
+        spec = torch.stft(wave.reshape(batch * channels, padded), self.n_fft, self.hop_length,
+                          window=self.window, return_complex=True)                  # (b·c, f, t)
+        frames = spec.shape[-1]
+        spec = spec.reshape(batch, channels, -1, frames).transpose(1, 2)           # (b, f, c, t)
+        spec = spec.reshape(batch, -1, frames)                                     # (b, f·c, t)
+        features = torch.view_as_real(spec).permute(0, 2, 1, 3).reshape(batch, frames, -1)
+
+        x = self.band_split(features)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        x = self.final_norm(x)
+
+        masks = torch.stack([estimator(x) for estimator in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
+        masks = masks.float().reshape(batch, len(self.stems), frames, -1, 2).transpose(2, 3)
+        stems_spec = torch.view_as_complex(masks.contiguous()) * spec.unsqueeze(1)        # (b, n, f·c, t)
+        stems_spec = stems_spec.reshape(batch * len(self.stems), -1, channels, frames).transpose(1, 2)
+        stems_wave = torch.istft(stems_spec.reshape(-1, stems_spec.shape[2], frames), self.n_fft,
+                                 self.hop_length, window=self.window, length=padded)
+        return stems_wave.reshape(batch, len(self.stems), channels, padded)[..., :samples]

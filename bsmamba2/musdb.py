@@ -1,0 +1,75 @@
+"""MUSDB18-HQ-style track folders: `ROOT/<subset>/<track>/<stem>.wav` (or `.flac`).
+
+One folder per track, one file per stem (`mixture`, `vocals`, `drums`, ...), all at the same rate and length.
+Stems are read with soundfile, only the requested frames, as float32 arrays shaped (channels, samples).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import soundfile as sf
+
+from .errors import BSMamba2Error
+
+STEM_EXTENSIONS = (".wav", ".flac")
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class StemInfo:
+    path: Path
+    sample_rate: int
+    frames: int
+    channels: int
+
+
+def list_tracks(root: PathLike, subset: str) -> list[Path]:
+    """The track folders of `root/subset`, sorted by name (hidden folders ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BSMamba2Error(f"data root {root} is not a directory")
+    subset_dir = root / subset
+    if not subset_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise BSMamba2Error(f"{subset_dir}: no subset {subset!r} in {root} (found: {', '.join(found) or 'nothing'})")
+    tracks = sorted(p for p in subset_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not tracks:
+        raise BSMamba2Error(f"{subset_dir}: no track folders")
+    return tracks
+
+
+def stem_path(track_dir: PathLike, stem: str) -> Path:
+    """The file holding `stem` in a track folder: `<stem>.wav`, else `<stem>.flac`."""
+    track_dir = Path(track_dir)
+    for extension in STEM_EXTENSIONS:
+        path = track_dir / f"{stem}{extension}"
+        if path.is_file():
+            return path
+    raise BSMamba2Error(f"{track_dir}: no {stem} stem ({' or '.join(stem + e for e in STEM_EXTENSIONS)})")
+
+
+def stem_info(track_dir: PathLike, stem: str) -> StemInfo:
+    """Sample rate, length in frames and channel count of a stem, read from the file header."""
+    with _open_stem(track_dir, stem) as audio_file:
+        return StemInfo(Path(audio_file.name), audio_file.samplerate, audio_file.frames, audio_file.channels)
+
+
+def read_stem(track_dir: PathLike, stem: str, start: int = 0, frames: int = -1) -> np.ndarray:
+    """Read `frames` samples (all the rest when -1) of a stem from `start`, as float32 (channels, samples)."""
+    with _open_stem(track_dir, stem) as audio_file:
+        if start:
+            audio_file.seek(min(start, audio_file.frames))
+        audio = audio_file.read(frames, dtype="float32", always_2d=True)
+    return np.ascontiguousarray(audio.T)
+
+
+def _open_stem(track_dir: PathLike, stem: str) -> sf.SoundFile:
+    path = stem_path(track_dir, stem)
+    try:
+        return sf.SoundFile(str(path))
+    except RuntimeError as error:  # soundfile's errors derive from RuntimeError
+        raise BSMamba2Error(f"{path}: cannot read audio: {getattr(error, 'error_string', error)}") from None

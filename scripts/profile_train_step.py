@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Where a training step's time goes: data, forward, loss, backward, optimizer + EMA (seconds per step).
+
+    python scripts/profile_train_step.py --config configs/small.yaml --steps 5
+
+Builds the same trainer as `train.py` (in a temporary run directory) and times the phases of plain steps
+(no gradient accumulation, no validation), after `--warmup` untimed steps. Wall-clock and process CPU seconds
+are both shown: on a machine shared with other jobs the wall clock stretches, CPU seconds much less.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py sets it
+
+import torch  # noqa: E402
+
+from bsmamba2.config import load_config  # noqa: E402
+from bsmamba2.ops.malloc import keep_freed_memory  # noqa: E402
+from bsmamba2.training.loop import Trainer  # noqa: E402
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer+ema")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    keep_freed_memory()  # as `train.py` does
+    config = load_config(args.config, args.overrides + ["training.grad_accum_steps=1"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, quiet=True)
+        stream = trainer.data_stream()
+        wall, cpu = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
+        for step in range(args.warmup + args.steps):
+            times = time_step(trainer, stream)
+            if step >= args.warmup:
+                for phase in PHASES:
+                    wall[phase] += times[phase][0] / args.steps
+                    cpu[phase] += times[phase][1] / args.steps
+    step_wall, step_cpu = sum(wall.values()), sum(cpu.values())
+    audio_seconds = config.training.batch_size * config.data.segment_seconds
+    print(f"{args.config}: batch {config.training.batch_size} × {config.data.segment_seconds:g} s, "
+          f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps, load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'phase':14s} {'wall s':>7s} {'share':>6s} {'CPU s':>7s}")
+    for phase in PHASES:
+        print(f"  {phase:14s} {wall[phase]:7.3f} {100 * wall[phase] / step_wall:5.1f}% {cpu[phase]:7.3f}")
+    print(f"  {'step':14s} {step_wall:7.3f} {100.0:5.1f}% {step_cpu:7.3f}  → {1 / step_wall:.3f} steps/s, "
+          f"{audio_seconds / step_wall:.2f} s of audio per second (wall clock)")
+    return 0
+
+
+def time_step(trainer: Trainer, stream) -> dict:
+    times = {}
+    started = time.perf_counter(), time.process_time()
+
+    def lap(phase: str) -> None:
+        nonlocal started
+        now = time.perf_counter(), time.process_time()
+        times[phase] = (now[0] - started[0], now[1] - started[1])
+        started = now
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    mixture, targets = next(stream)
+    lap("data")
+    estimate = trainer.model(mixture)
+    lap("forward")
+    loss = trainer.loss(estimate, targets)
+    lap("loss")
+    loss.backward()
+    lap("backward")
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.training.grad_clip or math.inf)
+    trainer.optimizer.step()
+    if trainer.ema is not None:
+        trainer.ema.update()
+    lap("optimizer+ema")
+    return times
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The Python API (`bsmamba2.Separator`) with a tiny two-stem checkpoint, in process."""
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from bsmamba2 import Separator
+from bsmamba2.api import check_filename_template, default_checkpoint, resolve_device
+from bsmamba2.checkpoint import atomic_save, read_checkpoint
+from bsmamba2.errors import BSMamba2Error
+from separation_fixtures import noise, save_tiny_checkpoint, tiny_config, write_audio
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def separator(checkpoint):
+    return Separator(checkpoint, device="cpu", chunk_seconds=0.5)
+
+
+def test_every_array_layout_gives_the_same_stems(separator):
+    wave = noise(2, 20_000, seed=1)
+    stems = separator.separate(wave, 44100)
+    assert list(stems) == ["vocals", "drums"]
+    assert all(stem.shape == (2, 20_000) and stem.dtype == np.float32 for stem in stems.values())
+    assert np.abs(stems["vocals"] - stems["drums"]).max() > 1e-3  # two different mask estimators
+    transposed = separator.separate(wave.T.copy(), 44100)
+    tensor = separator.separate(torch.from_numpy(wave), 44100)
+    for name in stems:
+        np.testing.assert_array_equal(transposed[name], stems[name].T)
+        np.testing.assert_array_equal(tensor[name], stems[name])
+    mono = separator.separate(wave[0], 44100)
+    assert mono["vocals"].shape == (20_000,)
+
+
+@pytest.mark.parametrize("rate,samples", [(22050, 12_345), (48000, 24_001), (44100, 100)])
+def test_lengths_are_sample_accurate_at_any_rate(separator, rate, samples):
+    stems = separator.separate(noise(2, samples), rate)
+    assert {stem.shape for stem in stems.values()} == {(2, samples)}
+    assert all(np.isfinite(stem).all() for stem in stems.values())
+
+
+def test_chunked_output_does_not_depend_on_batching(checkpoint, separator):
+    wave = noise(2, 60_000, seed=2)
+    batched = Separator(checkpoint, device="cpu", chunk_seconds=0.5, batch_size=3).separate(wave, 44100)
+    for name, stem in separator.separate(wave, 44100).items():
+        np.testing.assert_allclose(batched[name], stem, atol=1e-5)
+
+
+def test_two_stems_add_up_to_the_mixture(checkpoint):
+    separator = Separator(checkpoint, device="cpu", two_stems="drums", chunk_seconds=0.5)
+    wave = noise(2, 30_000, seed=3)
+    stems = separator.separate(wave, 48000)
+    assert list(stems) == ["drums", "no_drums"]
+    np.testing.assert_allclose(stems["drums"] + stems["no_drums"], wave, atol=1e-6)
+    assert np.abs(stems["drums"]).max() > 1e-3 and np.abs(stems["no_drums"]).max() > 1e-3
+
+
+def test_separate_file_writes_what_separate_returns(separator, checkpoint, tmp_path):
+    wave = noise(1, 30_000, seed=4)
+    path = write_audio(tmp_path / "song.flac", wave, 22050)
+    decoded, _ = sf.read(path, dtype="float32", always_2d=True)
+    in_memory = separator.separate_file(path)
+    expected = separator.separate(decoded.T, 22050)
+    float_writer = Separator(checkpoint, device="cpu", chunk_seconds=0.5, bit_depth="32f", jobs=3)
+    paths = float_writer.separate_file(path, tmp_path / "out")
+    assert paths == {name: tmp_path / "out" / "song" / f"{name}.wav" for name in ("vocals", "drums")}
+    for name in expected:
+        np.testing.assert_array_equal(in_memory[name], expected[name])
+        written, rate = sf.read(paths[name], dtype="float32", always_2d=True)
+        assert rate == 22050 and written.shape == (30_000, 1)  # mono in, mono out
+        np.testing.assert_array_equal(written.T, expected[name])  # --jobs 3: same samples, in order
+    with pytest.raises(BSMamba2Error, match="already exists"):
+        float_writer.separate_file(path, tmp_path / "out")
+
+
+def test_silence_in_silence_out(separator):
+    stems = separator.separate(np.zeros((2, 5000), np.float32), 44100)
+    assert all(np.all(stem == 0) for stem in stems.values())
+
+
+def test_tta_changes_the_estimate_but_not_its_shape(checkpoint, separator):
+    wave = noise(2, 10_000, seed=5)
+    plain = separator.separate(wave, 44100)
+    tta = Separator(checkpoint, device="cpu", chunk_seconds=0.5, tta=True).separate(wave, 44100)
+    assert tta["vocals"].shape == plain["vocals"].shape
+    assert 1e-4 < np.abs(tta["vocals"] - plain["vocals"]).max()
+
+
+def test_a_published_style_checkpoint_loads(checkpoint, separator, tmp_path):
+    """Weights nested under `state_dict` with a `model.` prefix, as Lightning saves them, plus a config."""
+    ours = read_checkpoint(checkpoint)
+    nested = tmp_path / "lightning.ckpt"
+    atomic_save({"state_dict": {f"model.{key}": value for key, value in ours["model"].items()}}, nested)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    wave = noise(2, 8000, seed=6)
+    published = Separator(nested, device="cpu", config=config, chunk_seconds=0.5).separate(wave, 44100)
+    np.testing.assert_array_equal(published["vocals"], separator.separate(wave, 44100)["vocals"])
+
+
+def test_option_errors_are_one_clear_line(checkpoint, monkeypatch):
+    cases = [({"stems": ["bass"]}, "stem 'bass': this model has vocals, drums"),
+             ({"two_stems": "vocals", "stems": ["drums"]}, "either stems or two_stems"),
+             ({"overlap": 1.0}, r"overlap 1.0: must be in \[0, 1\)"),
+             ({"filename": "{track}.{ext}"}, "needs {stem}"),
+             ({"file_format": "flac", "bit_depth": "32f"}, "FLAC stores integers only")]
+    for options, message in cases:
+        with pytest.raises(BSMamba2Error, match=message):
+            Separator(checkpoint, device="cpu", **options)
+    for template, message in [("{album}/{stem}.{ext}", "bad template"), ("../{stem}.{ext}", "relative path")]:
+        with pytest.raises(BSMamba2Error, match=message):
+            check_filename_template(template)
+    if not torch.cuda.is_available():
+        with pytest.raises(BSMamba2Error, match="--device cuda: CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(BSMamba2Error, match="--device tpu"):
+        resolve_device("tpu")
+    monkeypatch.setitem(sys.modules, "bsmamba2.pretrained", None)  # as if no bundled model were installed
+    with pytest.raises(BSMamba2Error, match="no bundled pretrained model.*--checkpoint"):
+        default_checkpoint()

@@ -1,0 +1,63 @@
+import pytest
+
+from bsmamba2.config import PAPER_BAND_WIDTHS, Config, load_config
+from bsmamba2.errors import BSMamba2Error
+
+CONFIGS = ["configs/bsmamba2_vocals.yaml", "configs/bsmamba2_4stem.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert sum(config.model.band_widths) == config.audio.n_fft // 2 + 1
+
+
+def test_paper_defaults():
+    config = Config().validate()
+    assert config.model.band_widths == PAPER_BAND_WIDTHS and len(PAPER_BAND_WIDTHS) == 62
+    assert (config.model.dim, config.model.depth, config.model.d_state, config.model.expand) == (256, 6, 128, 4)
+    assert config.training.loss.stft_windows == [4096, 2048, 1024, 512, 256]
+
+
+def test_overrides_are_parsed_and_typed():
+    config = load_config(CONFIGS[0], ["training.lr=1e-4", "model.stems=[vocals, drums]", "data.root=/x"])
+    assert config.training.lr == 1e-4 and config.model.stems == ["vocals", "drums"] and config.data.root == "/x"
+
+
+def test_round_trip_through_dict():
+    config = load_config(CONFIGS[1], ["model.dim=128"])
+    assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.lrr=1", "unknown key training.lrr"),
+    ("bogus.key=1", "unknown key bogus"),
+    ("model.dim=abc", "model.dim: expected an integer"),
+    ("model.gradient_checkpointing=3", "model.gradient_checkpointing: expected true or false"),
+    ("model.band_widths=[1, 2]", "model.band_widths: must be positive and sum to n_fft/2+1 = 1025"),
+    ("model.headdim=100", "model.headdim: must divide d_inner"),
+    ("model.ngroups=3", "model.ngroups: must divide the number of heads"),
+    ("training.loss.stft_windows=[0]", "training.loss.stft_windows"),
+    ("inference.overlap=1.5", "inference.overlap"),
+    ("model.scan_backend=fast", "model.scan_backend"),
+    ("training.lr", "expected section.key=value"),
+])
+def test_bad_values_name_the_key_and_file(override, message):
+    with pytest.raises(BSMamba2Error) as error:
+        load_config(CONFIGS[0], [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    if "section.key" not in message:
+        assert CONFIGS[0] in str(error.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(BSMamba2Error, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(BSMamba2Error, match="invalid YAML"):
+        load_config(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(BSMamba2Error, match="mapping"):
+        load_config(tmp_path / "list.yaml")

@@ -1,0 +1,226 @@
+"""The training loop end to end on a tiny BSMamba2 and 8 kHz data the tests write: learning, exact resumption
+(in process, after SIGTERM and after SIGKILL), checkpoints, errors, non-finite steps, 2-process DDP on gloo."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+import bsmamba2
+from bsmamba2.cli import main as cli_main
+from bsmamba2.data import TrainingSegments, split_tracks
+from bsmamba2.losses import MultiResolutionLoss
+from bsmamba2.training.loop import Trainer, seed_everything
+
+from training_fixtures import tiny_config, tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def write_config(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def train(config_path: Path, out: Path, *extra: str) -> int:
+    return cli_main(["train", "--config", str(config_path), "--out", str(out), "--quiet", *extra])
+
+
+def records(run_dir: Path, kind: str = "loss") -> dict:
+    """{step: record} of metrics.jsonl's training (kind="loss") or validation (kind="usdr") records."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if kind in r}
+
+
+def weights(path: Path, key: str = "model") -> dict:
+    return torch.load(path, weights_only=True)[key]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def test_training_lowers_the_loss_and_keeps_the_best(data_root, tmp_path):
+    config = tiny_config(data_root, training={"max_steps": 10, "validate_every": 5, "checkpoint_every": 5,
+                                              "ema_decay": 0.5})
+    # a fixed batch of examples the run never draws (the stream is indexed by example)
+    examples = TrainingSegments(split_tracks(config)[0], config)
+    mixture, targets = (torch.stack(items) for items in zip(*(examples[10**6 + i] for i in range(8))))
+    loss = MultiResolutionLoss(config.training.loss)
+    seed_everything(config.training.seed)
+    with torch.no_grad():
+        before = loss(bsmamba2.build_model(config).eval()(mixture), targets).item()
+
+    assert Trainer(config, tmp_path / "run", quiet=True).run() == 0
+
+    trained = bsmamba2.load_model(tmp_path / "run" / "last.ckpt")
+    assert_same_weights(trained.state_dict(), weights(tmp_path / "run" / "last.ckpt", "ema"))  # EMA preferred
+    with torch.no_grad():
+        after = loss(trained(mixture), targets).item()
+    assert after < 0.8 * before
+    validations = records(tmp_path / "run", "usdr")
+    assert sorted(validations) == [5, 10] and set(validations[10]["usdr"]) == {"vocals"}
+    best_step = max(validations, key=lambda step: validations[step]["usdr_mean"])
+    best = torch.load(tmp_path / "run" / "best.ckpt", weights_only=True)
+    assert best["step"] == best_step and best["best_usdr"] == pytest.approx(validations[best_step]["usdr_mean"])
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_checkpoints_and_exact_resume_after_copy_sigterm_and_sigkill(data_root, tmp_path):
+    reference = tmp_path / "reference"
+    assert train(write_config(tmp_path / "six.yaml", tiny_config_dict(data_root, training={"max_steps": 6})),
+                 reference) == 0
+    curve = {step: r["loss"] for step, r in records(reference).items()}
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    last = torch.load(reference / "last.ckpt", weights_only=True)
+    assert {"model", "ema", "optimizer", "scheduler", "step", "samples_seen", "rng", "config",
+            "code_version"} <= set(last)
+    assert last["step"] == 6 and last["config"]["training"]["max_steps"] == 6
+    assert sorted(p.name for p in reference.glob("step_*.ckpt")) == ["step_00000004.ckpt", "step_00000006.ckpt"]
+    assert any(not torch.equal(last["model"][k], last["ema"][k]) for k in last["model"])
+
+    def assert_continues_the_reference(run_dir: Path, atol: float) -> None:
+        resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
+        assert resumed["step"] == 6
+        for key in ("model", "ema"):
+            assert_same_weights(resumed[key], last[key], atol=atol)
+        resumed_curve = {step: r["loss"] for step, r in records(run_dir).items()}
+        assert resumed_curve == pytest.approx({step: curve[step] for step in resumed_curve}, abs=atol)
+
+    # in process: a run directory holding the step-4 checkpoint as last.ckpt continues bit-exactly
+    (tmp_path / "copy").mkdir()
+    shutil.copy(reference / "step_00000004.ckpt", tmp_path / "copy" / "last.ckpt")
+    assert cli_main(["train", "--out", str(tmp_path / "copy"), "--resume", "--quiet"]) == 0
+    assert_continues_the_reference(tmp_path / "copy", atol=0.0)
+    assert sorted(records(tmp_path / "copy")) == [5, 6]
+
+    # as a user would: the interrupted run has a longer budget (its learning rate is constant) so that it is
+    # still going when hit; SIGTERM saves and exits, the same command resumes, SIGKILL, then finish at step 6
+    long_run = write_config(tmp_path / "long.yaml", tiny_config_dict(data_root, training={"max_steps": 10**6}))
+    out = tmp_path / "run"
+    command = [str(BIN / "python"), str(REPO / "train.py"), "--config", str(long_run), "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(records(out)) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = torch.load(out / "last.ckpt", weights_only=True)["step"]
+    assert 1 <= stopped_at < 5 and f"SIGTERM: saved {out / 'last.ckpt'} at step {stopped_at}" in stderr
+
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for(lambda: any(int(p.stem[5:]) > stopped_at for p in out.glob("step_*.ckpt")), process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert subprocess.run(command + ["--resume", "--set", "training.max_steps=6"], cwd=tmp_path).returncode == 0
+    assert_continues_the_reference(out, atol=1e-6)
+    assert sorted(records(out)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "not training", "wrong weights"])
+def test_missing_or_corrupt_last_checkpoint_is_one_line(data_root, tmp_path, capsys, problem):
+    out = tmp_path / "run"
+    out.mkdir()
+    if problem == "corrupt":
+        (out / "last.ckpt").write_bytes(b"\x80\x02 half a checkpoint")
+    if problem == "not training":
+        torch.save({"config": {}, "model": {}}, out / "last.ckpt")
+    if problem == "wrong weights":
+        torch.save({"config": tiny_config(data_root).to_dict(), "model": {"final_norm.gamma": torch.ones(3)},
+                    "optimizer": {}, "scheduler": {}, "step": 1, "samples_seen": 2, "rng": []}, out / "last.ckpt")
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root))
+    assert train(config_path, out, "--resume") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("bsmamba2 train: error:") and "last.ckpt" in error
+    expected = {"missing": "does not exist", "corrupt": "not a readable PyTorch checkpoint",
+                "not training": "not a training checkpoint",
+                "wrong weights": "the saved training state does not fit this model"}[problem]
+    assert expected in error
+
+
+def test_config_errors_are_one_line(data_root, tmp_path, capsys):
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root))
+    assert train(config_path, tmp_path / "run", "--set", "training.epochs=3") == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"bsmamba2 train: error: {config_path}: unknown key training.epochs (known: ")
+    assert error.count("\n") == 1
+    (tmp_path / "run").mkdir()
+    stored = tiny_config(data_root, model={"dim": 32}).to_dict()
+    torch.save({"config": stored, "model": {}, "optimizer": {}, "scheduler": {}, "step": 1, "samples_seen": 2,
+                "rng": []}, tmp_path / "run" / "last.ckpt")
+    assert train(config_path, tmp_path / "run") == 2  # the run in that directory has other weights
+    error = capsys.readouterr().err
+    assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in error
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--set", "model.dim=16", "--quiet"]) == 2
+    assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in capsys.readouterr().err
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, capsys):
+    root = tmp_path / "data"
+    for subset in ("train", "test"):
+        track = root / subset / "nan"
+        track.mkdir(parents=True)
+        for stem in ("mixture", "vocals", "drums", "bass", "other"):
+            audio = np.full((8000, 2), 0.1, np.float32)
+            audio[100] = np.nan if subset == "train" else 0.1
+            sf.write(track / f"{stem}.wav", audio, 8000, subtype="FLOAT")
+    config_path = write_config(tmp_path / "nan.yaml", tiny_config_dict(
+        root, training={"max_steps": 10, "max_nonfinite_steps": 3, "checkpoint_every": 1},
+        data={"segment_seconds": 0.99, "gain_range": [1.0, 1.0], "silence_prob": 0.0}))
+    assert train(config_path, tmp_path / "run") == 2
+    error = capsys.readouterr().err
+    assert "stopped at step 3: 3 steps in a row had a non-finite loss or gradient (training.max_nonfinite_steps)" \
+           in error and error.count("\n") == 1
+    logged = records(tmp_path / "run")
+    assert [(r["loss"], r["nonfinite_steps"]) for r in logged.values()] == [(None, 1), (None, 2), (None, 3)]
+    config = tiny_config(root)
+    seed_everything(config.training.seed)
+    initial = bsmamba2.build_model(config).state_dict()
+    assert_same_weights(weights(tmp_path / "run" / "last.ckpt"), initial)  # skipped steps change nothing
+
+
+def test_two_process_ddp_and_accumulation_match_one_bigger_batch(data_root, tmp_path):
+    """Batch 2 in one process, 2 × batch 1 (accumulated) and 2 processes × batch 1 see the same examples."""
+    values = tiny_config_dict(data_root, training={"max_steps": 2, "validate_every": 2})
+    one = tmp_path / "one"
+    assert train(write_config(tmp_path / "one.yaml", values), one) == 0
+    values["training"]["batch_size"] = 1
+    accumulated = tmp_path / "accumulated"
+    assert train(write_config(tmp_path / "accumulated.yaml", values), accumulated, "--set",
+                 "training.grad_accum_steps=2") == 0
+    ddp_config = write_config(tmp_path / "ddp.yaml", values)
+    ddp = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "train.py"), "--config", str(ddp_config), "--out", str(ddp), "--quiet"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for run in (ddp, accumulated):
+        # Adam's first step turns float rounding of near-zero gradients into differences of up to ~lr·1e-3
+        assert_same_weights(weights(run / "last.ckpt"), weights(one / "last.ckpt"), atol=2e-5)
+        for step in (1, 2):
+            assert records(run)[step]["loss"] == pytest.approx(records(one)[step]["loss"], rel=1e-5)
+            assert records(run)[step]["grad_norm"] == pytest.approx(records(one)[step]["grad_norm"], rel=1e-5)
+    assert len(torch.load(ddp / "last.ckpt", weights_only=True)["rng"]) == 2
+    lines = (ddp / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # rank 0 alone logs: steps 1, 2 and one validation over both ranks' tracks
+    assert records(ddp, "usdr")[2]["usdr"]["vocals"] == pytest.approx(records(one, "usdr")[2]["usdr"]["vocals"],
+                                                                      abs=1e-3)
