@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py sets it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the bsmamba2 command sets it
 
 import torch  # noqa: E402
 
@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    keep_freed_memory()  # as `train.py` does
+    keep_freed_memory()  # as `bsmamba2 train` does
     config = load_config(args.config, args.overrides + ["training.grad_accum_steps=1"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, quiet=True)

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 
-
 def test_keep_freed_memory_in_a_fresh_process():
     """Process-wide, so it runs in a child: True on glibc, False elsewhere; big tensors still allocate and free."""
     code = ("import platform, torch\n"
