@@ -27,6 +27,7 @@ from .apply import apply_model
 from .audio import BLOCK_FRAMES, AudioReader, AudioWriter, check_output_format, finite, resample_blocks
 from .checkpoint import load_model
 from .errors import BSMamba2Error
+from .pretrained import default_checkpoint
 
 log = logging.getLogger("bsmamba2")
 
@@ -39,7 +40,8 @@ class Separator:
     checkpoint: our checkpoint or a published BSMamba2 one; None = the bundled pretrained model.
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
     config: a Config or YAML path that overrides the checkpoint's own config.
-    stems: write only these model stems. two_stems: write this stem and `no_<stem>` = mixture − stem.
+    stems: write only these model stems. two_stems: write this stem and `no_<stem>` = mixture − stem (the
+    default for a model with one stem).
     chunk_seconds, overlap, batch_size: the overlap-add settings (default: the config's `inference` section).
     tta: also run each chunk with inverted polarity and swapped channels, and average.
     file_format ("wav", "flac"), bit_depth ("16", "24", "32f"), filename (template with {track}, {stem}, {ext}),
@@ -73,6 +75,8 @@ class Separator:
         for name in (stems or []) + ([two_stems] if two_stems else []):
             _check(name in self.model.stems, f"stem {name!r}: this model has {available}")
         _check(not (stems and two_stems), "choose either stems or two_stems, not both")
+        if len(self.model.stems) == 1 and not stems:
+            two_stems = self.model.stems[0]  # a one-stem model's other output is what it leaves of the mixture
         self.two_stems = two_stems
         computed = [two_stems] if two_stems else list(stems or self.model.stems)
         self._stem_index = [self.model.stems.index(name) for name in computed]
@@ -303,16 +307,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise BSMamba2Error(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
     return device
-
-
-def default_checkpoint() -> Path:
-    """The bundled pretrained model, used whenever no checkpoint is named."""
-    try:
-        from .pretrained import default_checkpoint as bundled_checkpoint
-    except ImportError:
-        raise BSMamba2Error("no checkpoint given and no bundled pretrained model is installed: "
-                            "pass --checkpoint PATH (a BSMamba2 checkpoint, ours or a published one)") from None
-    return Path(bundled_checkpoint())
 
 
 def check_filename_template(template: str) -> None:

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import BSMamba2Error
+from .files import atomic_write, write_text_atomic
 
 NHEADS, HEADDIM, DSTATE = 16, 64, 128          # the paper mixer: d_model 256, expand 4, headdim 64, d_state 128
 BACKENDS = ("reference", "torch", "torch+compile", "cuda", "triton")
@@ -140,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
     args.load_after = _load_average()
     print(_report(records, device, args))
     if args.json:
-        from .evaluate import write_text_atomic
         write_text_atomic(Path(args.json), json.dumps(records, indent=2) + "\n")
     if args.plot:
         _plot(records, Path(args.plot))
@@ -422,9 +422,8 @@ def _plot(records: list, path: Path) -> None:
     axes[0].set_ylabel("µs per sequence step (median)")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    os.replace(temporary, path)
+    with atomic_write(path) as file:
+        figure.savefig(file, format="png", dpi=120)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -9,9 +9,7 @@ without a stored config they get the paper vocals config.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -19,6 +17,7 @@ import torch
 
 from .config import Config, load_config
 from .errors import BSMamba2Error
+from .files import atomic_write
 from .models.bs_mamba2 import BSMamba2
 
 log = logging.getLogger("bsmamba2")
@@ -141,18 +140,8 @@ def _first_line(error: Exception) -> str:
 
 def atomic_save(obj, path: Union[str, Path]) -> None:
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        torch.save(obj, file)
 
 
 def save_model(model: BSMamba2, path: Union[str, Path], **extra) -> None:

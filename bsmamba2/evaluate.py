@@ -17,8 +17,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from .audio import AudioWriter
 from .errors import BSMamba2Error
+from .files import write_text_atomic
 from .metrics import museval_missing_reason, score_track
 from .ops.malloc import keep_freed_memory
 from .musdb import list_tracks, read_stem, stem_info, stem_path
@@ -195,19 +194,6 @@ def format_table(results: dict, stems: list) -> str:
         cells = ["n/a" if _defined(value) is None else f"{value:.2f}" for value in values]
         lines.append("  ".join([name.ljust(name_width), *(cell.rjust(width) for cell in cells)]))
     return "\n".join(lines)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it to `path`: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _defined(value):

@@ -126,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def default_inputs() -> list[str]:
-    """What `bsmamba2 separate` with no IN separates."""
-    raise BSMamba2Error("no input: name the audio files, folders or glob patterns to separate")
+    """What `bsmamba2 separate` with no IN separates: the bundled example song."""
+    from .pretrained import example_song
+
+    return [str(example_song())]
 
 
 def find_inputs(items: list[str], recursive: bool) -> tuple[list[Path], list[str]]:

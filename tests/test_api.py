@@ -1,5 +1,4 @@
 """The Python API (`bsmamba2.Separator`) with a tiny two-stem checkpoint, in process."""
-import sys
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 import yaml
 
 from bsmamba2 import Separator
-from bsmamba2.api import check_filename_template, default_checkpoint, resolve_device
+from bsmamba2.api import check_filename_template, resolve_device
 from bsmamba2.checkpoint import atomic_save, read_checkpoint
 from bsmamba2.errors import BSMamba2Error
 from separation_fixtures import noise, save_tiny_checkpoint, tiny_config, write_audio
@@ -105,7 +104,7 @@ def test_a_published_style_checkpoint_loads(checkpoint, separator, tmp_path):
     np.testing.assert_array_equal(published["vocals"], separator.separate(wave, 44100)["vocals"])
 
 
-def test_option_errors_are_one_clear_line(checkpoint, monkeypatch):
+def test_option_errors_are_one_clear_line(checkpoint):
     cases = [({"stems": ["bass"]}, "stem 'bass': this model has vocals, drums"),
              ({"two_stems": "vocals", "stems": ["drums"]}, "either stems or two_stems"),
              ({"overlap": 1.0}, r"overlap 1.0: must be in \[0, 1\)"),
@@ -122,6 +121,16 @@ def test_option_errors_are_one_clear_line(checkpoint, monkeypatch):
             resolve_device("cuda")
     with pytest.raises(BSMamba2Error, match="--device tpu"):
         resolve_device("tpu")
-    monkeypatch.setitem(sys.modules, "bsmamba2.pretrained", None)  # as if no bundled model were installed
-    with pytest.raises(BSMamba2Error, match="no bundled pretrained model.*--checkpoint"):
-        default_checkpoint()
+
+
+def test_a_one_stem_model_also_gives_what_it_leaves_of_the_mixture(tmp_path):
+    config = tiny_config()
+    config.model.stems = ["vocals"]
+    checkpoint = save_tiny_checkpoint(tmp_path / "vocals.ckpt", config)
+    wave = noise(2, 8000)
+    stems = Separator(checkpoint, device="cpu").separate(wave, 44100)
+    assert list(stems) == ["vocals", "no_vocals"]
+    np.testing.assert_allclose(stems["vocals"] + stems["no_vocals"], wave, atol=1e-6)
+    assert np.abs(stems["vocals"]).max() > 1e-3 and np.abs(stems["no_vocals"]).max() > 1e-3
+    only = Separator(checkpoint, device="cpu", stems=["vocals"]).separate(wave, 44100)
+    assert list(only) == ["vocals"]

@@ -23,6 +23,7 @@ import yaml
 from .. import __version__
 from ..checkpoint import atomic_save
 from ..config import Config
+from ..files import write_text_atomic
 
 log = logging.getLogger("bsmamba2")
 
@@ -56,10 +57,7 @@ def _copy_atomically(source: Path, destination: Path) -> None:
 
 
 def write_config(config: Config, run_dir: Path) -> None:
-    path = run_dir / CONFIG
-    temporary = path.with_name(f".{CONFIG}.tmp")
-    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(temporary, path)
+    write_text_atomic(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def capture_rng() -> dict:
@@ -121,9 +119,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _record_step(line) is not None and _record_step(line) <= step]
-        temporary = self.path.with_name(f".{METRICS}.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str):
