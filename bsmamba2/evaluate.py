@@ -37,7 +37,8 @@ RESULT_FILES = ("results.json", "results.csv")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint (ours or a published BSMamba2 one)")
+    parser.add_argument("--checkpoint", help="model checkpoint, ours or a published BSMamba2 one "
+                        "(default: the bundled model)")
     parser.add_argument("--config", help="model config YAML, overriding the one stored in the checkpoint")
     parser.add_argument("--data", required=True, metavar="ROOT",
                         help="MUSDB18-HQ-style folder: ROOT/<subset>/<track>/{mixture,<stem>}.wav|flac")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import Separator  # imports torch: only once a run starts, so `--help` stays quick
     separator = Separator(args.checkpoint, args.device, config=args.config, chunk_seconds=args.chunk,
                           overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
-    stems = separator.outputs
+    stems = separator.model.stems  # scored; a one-stem model's complement (no_<stem>) is not
     for track_dir in tracks:  # fail before hours of separation, not in the middle
         for stem in ("mixture", *stems):
             stem_path(track_dir, stem)

@@ -14,6 +14,7 @@ import soundfile as sf
 import yaml
 
 from bsmamba2.cli import main
+from bsmamba2.pretrained import example_song
 from bsmamba2.separate import find_inputs
 from separation_fixtures import noise, save_tiny_checkpoint, tiny_config, write_audio
 
@@ -149,7 +150,7 @@ def test_input_search(tmp_path):
     assert files == [tmp_path / "sub" / "missing.wav"]  # reported when opened, with the other unreadable files
 
 
-def test_inputs_whose_stems_would_collide_and_no_input(workspace, capsys):
+def test_inputs_whose_stems_would_collide_and_no_input_means_the_example(workspace, capsys):
     """In process (no subprocess needed): the second of two tracks named alike is refused, not overwritten."""
     (workspace / "again").mkdir(exist_ok=True)
     write_audio(workspace / "again" / "stereo44.flac", noise(2, 4000), 44100)
@@ -158,8 +159,9 @@ def test_inputs_whose_stems_would_collide_and_no_input(workspace, capsys):
                    "--checkpoint", str(workspace / "tiny.ckpt"), "-o", str(out), "--quiet"])
     assert status == 1 and (out / "stereo44" / "vocals.wav").exists()
     assert "again/stereo44.flac: its stems would overwrite those of" in capsys.readouterr().err
-    assert main(["separate", "--checkpoint", str(workspace / "tiny.ckpt")]) == 2
-    assert "error: no input: name the audio files" in capsys.readouterr().err
+    # no input: the bundled example song
+    assert main(["separate", "--checkpoint", str(workspace / "tiny.ckpt"), "-o", str(out), "--quiet"]) == 0
+    assert sf.info(out / "example" / "vocals.wav").frames == sf.info(example_song()).frames
 
 
 def test_torchrun_shares_the_files_out_across_ranks(workspace):

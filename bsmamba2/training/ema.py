@@ -10,6 +10,9 @@ from torch import nn
 class EMA:
     """A frozen copy of the model whose floating-point parameters track `decay·ema + (1 − decay)·current`.
 
+    The decay warms up as min(decay, (1 + step) / (10 + step)) (TensorFlow's `num_updates`): with 0.999 from
+    the start, the average would still be 78% random initial weights after 250 steps, 37% after 1000.
+
     Buffers are copied as they are. `model` is the copy itself, in eval mode: validate and save it directly;
     its `state_dict()` has the raw model's keys, so a checkpoint's "ema" entry loads into a fresh model.
     """
@@ -24,8 +27,10 @@ class EMA:
         self._buffers = list(zip(self.model.buffers(), model.buffers()))
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self._ema_parameters, self._parameters, 1.0 - self.decay)
+    def update(self, step: int) -> None:
+        """Fold in the current weights after optimizer update `step` (0 for the first)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema_parameters, self._parameters, 1.0 - decay)
         for ema_buffer, buffer in self._buffers:
             ema_buffer.copy_(buffer)
 

@@ -219,7 +219,7 @@ class Trainer:
         else:
             return False
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.step)
         return True
 
     def _stop_if_too_many_nonfinite(self, loss: float, grad_norm: float) -> None:

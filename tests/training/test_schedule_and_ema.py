@@ -49,8 +49,20 @@ def test_ema_tracks_parameters_and_copies_buffers():
     with torch.no_grad():
         model.weight.fill_(2.0)
         model.running_mean.fill_(5.0)
-    ema.update()
+    ema.update(step=1000)
     torch.testing.assert_close(ema.model.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
     torch.testing.assert_close(ema.model.running_mean, torch.full((3,), 5.0))
     assert not ema.model.training and not ema.model.weight.requires_grad
     assert set(ema.state_dict()) == set(model.state_dict())
+
+
+def test_ema_decay_warms_up_so_early_averages_are_not_the_initial_weights():
+    model = nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.model.weight.fill_(0.0)
+    ema.update(step=0)  # decay 1/10
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 1), 0.9))
+    ema.update(step=10**6)  # decay 0.999 once warm
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 1), 0.9 + 0.001 * 0.1))
