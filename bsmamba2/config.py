@@ -106,6 +106,7 @@ class TrainingConfig:
     scheduler: str = "none"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    decay_steps: int = 0  # linear_tail: constant lr, then a linear decay to min_lr_ratio over the last decay_steps
     plateau_factor: float = 0.5  # plateau: lr × factor after `plateau_patience` validations without a new best
     plateau_patience: int = 3
     grad_clip: float = 3.0
@@ -129,8 +130,10 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, "training.weight_decay", "must be non-negative")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "training.betas",
                  "must be two numbers in [0, 1)")
-        _require(self.scheduler in ("none", "cosine", "plateau"), "training.scheduler",
-                 "must be none, cosine or plateau")
+        _require(self.scheduler in ("none", "cosine", "plateau", "linear_tail"), "training.scheduler",
+                 "must be none, cosine, plateau or linear_tail")
+        _require(0 <= self.decay_steps <= self.max_steps - self.warmup_steps, "training.decay_steps",
+                 "must be in [0, max_steps − warmup_steps]")
         _require(self.warmup_steps >= 0, "training.warmup_steps", "must be non-negative")
         _require(0 <= self.min_lr_ratio <= 1, "training.min_lr_ratio", "must be in [0, 1]")
         _require(0 < self.plateau_factor < 1, "training.plateau_factor", "must be in (0, 1)")

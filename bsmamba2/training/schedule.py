@@ -1,4 +1,6 @@
-"""Learning rate per step: optional linear warm-up, then constant (the paper), cosine decay, or plateau decay.
+"""Learning rate per step: optional linear warm-up, then constant (the paper), cosine decay, plateau decay, or
+constant with a linear decay over the last `decay_steps` (`linear_tail`: a run can start before its length is
+settled, and the steps before the tail are those of a constant-rate run).
 
 The rate is a pure function of the step plus, for `plateau`, a scale that shrinks when validation stops
 improving; `state_dict()` holds that scale, so a resumed run continues with the same rates.
@@ -29,6 +31,10 @@ class LearningRateSchedule:
             span = max(1, training.max_steps - training.warmup_steps)
             progress = min(1.0, max(0, step - training.warmup_steps) / span)
             return warmup * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if training.scheduler == "linear_tail":
+            remaining = training.max_steps - step
+            tail = min(1.0, remaining / training.decay_steps) if training.decay_steps else 1.0
+            return warmup * (floor + (1 - floor) * tail)
         if training.scheduler == "plateau":
             return warmup * max(floor, self.plateau_scale)
         return warmup

@@ -30,6 +30,15 @@ def test_warmup_then_cosine_to_the_floor():
     assert lr.set_step(110) == pytest.approx(1e-4)
 
 
+def test_linear_tail_is_constant_then_decays_linearly_to_the_floor():
+    lr = schedule(scheduler="linear_tail", decay_steps=40, min_lr_ratio=0.0)
+    assert {lr.set_step(step) for step in (0, 35, 70)} == {1e-3}
+    assert lr.set_step(90) == pytest.approx(0.5e-3)
+    assert lr.set_step(109) == pytest.approx(1e-3 / 40)  # the last update still moves the weights
+    with pytest.raises(ValueError, match="training.decay_steps"):
+        schedule(scheduler="linear_tail", decay_steps=200)
+
+
 def test_plateau_decays_after_patience_and_resumes_from_its_state():
     lr = schedule(scheduler="plateau", plateau_patience=2, plateau_factor=0.5)
     for score in (1.0, 2.0, 1.5, 1.9):  # a new best, then two validations without one
