@@ -2,6 +2,8 @@
 
     python train.py --config configs/small.yaml --out runs/small            # start, or continue runs/small
     python train.py --out runs/small --resume --set training.max_steps=4000 # continue with a new step budget
+    python train.py --config configs/synth_vocals.yaml --init bsmamba2/pretrained/synth_vocals.ckpt \
+        --set data.root=/data/my-songs --out runs/finetune                   # fine-tune the bundled model
     torchrun --nproc_per_node 2 train.py --config configs/bsmamba2_vocals.yaml --set data.root=/data/musdb18hq
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "last.ckpt is continued")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last.ckpt (an error if there is none)")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="start a new run from these weights (fine-tuning): ours, the bundled model's or a "
+                             "published one; the config's audio and model sections must fit them")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
 
 
@@ -32,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # every step allocates and frees the same large tensors: ~20 % faster on CPU
     run_dir = Path(args.out) if args.out is not None else Path("runs") / Path(args.config).stem
     config, checkpoint = prepare_run(args.config, args.overrides, run_dir, args.resume)
-    return Trainer(config, run_dir, checkpoint, quiet=args.quiet).run()
+    return Trainer(config, run_dir, checkpoint, quiet=args.quiet, init_from=args.init).run()

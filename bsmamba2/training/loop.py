@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..apply import apply_model
-from ..checkpoint import atomic_save, build_model, read_checkpoint
+from ..checkpoint import atomic_save, build_model, find_state_dict, read_checkpoint
 from ..config import Config, apply_override, load_config
 from ..data import StreamBatches, TrainingSegments, ValidationTracks, split_tracks
 from ..errors import BSMamba2Error
@@ -79,7 +79,8 @@ def prepare_run(config_path: Optional[str], overrides: list[str], run_dir: Path,
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, checkpoint: Optional[dict] = None, quiet: bool = False):
+    def __init__(self, config: Config, run_dir: Path, checkpoint: Optional[dict] = None, quiet: bool = False,
+                 init_from: Optional[str] = None):
         self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
         training = config.training
         self.dist = Distributed(training.device)
@@ -90,6 +91,8 @@ class Trainer:
         self.valid_set = ValidationTracks(valid_tracks, config)
 
         self.model = build_model(config).to(self.device)
+        if init_from is not None and checkpoint is None:  # a resumed run has its own weights
+            self.model.load_state_dict(find_state_dict(read_checkpoint(init_from), self.model, init_from))
         self.ema = EMA(self.model, training.ema_decay) if training.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=training.lr, betas=tuple(training.betas),
                                            weight_decay=training.weight_decay,

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import bsmamba2
+from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main as cli_main
 from bsmamba2.data import TrainingSegments, split_tracks
 from bsmamba2.losses import MultiResolutionLoss
@@ -171,6 +172,24 @@ def test_config_errors_are_one_line(data_root, tmp_path, capsys):
     assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in error
     assert cli_main(["train", "--out", str(tmp_path / "run"), "--set", "model.dim=16", "--quiet"]) == 2
     assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in capsys.readouterr().err
+
+
+def test_init_starts_a_new_run_from_given_weights_and_refuses_other_shapes(data_root, tmp_path, capsys):
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root, training={"max_steps": 2}))
+    source = bsmamba2.build_model(tiny_config(data_root))
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.fill_(0.01)
+    save_model(source, tmp_path / "start.ckpt")
+    trainer = Trainer(tiny_config(data_root), tmp_path / "unused", quiet=True, init_from=str(tmp_path / "start.ckpt"))
+    assert_same_weights(trainer.model.state_dict(), source.state_dict())
+    assert_same_weights(trainer.ema.state_dict(), source.state_dict())
+
+    assert train(config_path, tmp_path / "fine", "--init", str(tmp_path / "start.ckpt")) == 0
+    assert records(tmp_path / "fine").keys() == {1, 2}
+    assert train(config_path, tmp_path / "wide", "--init", str(tmp_path / "start.ckpt"), "--set", "model.dim=32") == 2
+    error = capsys.readouterr().err
+    assert "start.ckpt does not match the model config: " in error and error.count("\n") == 1
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, capsys):
