@@ -159,7 +159,7 @@ def _check_outputs(args) -> None:
         if path and Path(path).exists() and not args.force:
             raise BSMamba2Error(f"{path} exists; pass --force to overwrite")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise BSMamba2Error("--plot needs matplotlib: pip install matplotlib")
+        raise BSMamba2Error("--plot needs matplotlib: pip install matplotlib (or bsmamba2[plot])")
 
 
 # ---- measuring, in a subprocess --------------------------------------------------------------------------------
