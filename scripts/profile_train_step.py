@@ -79,7 +79,7 @@ def time_step(trainer: Trainer, stream) -> dict:
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.training.grad_clip or math.inf)
     trainer.optimizer.step()
     if trainer.ema is not None:
-        trainer.ema.update()
+        trainer.ema.update(trainer.step)
     lap("optimizer+ema")
     return times
 

@@ -1,7 +1,7 @@
 """What a run writes in RUN_DIR: checkpoints, `metrics.jsonl`, `config.yaml`, TensorBoard events (if installed).
 
     last.ckpt            every `checkpoint_every` steps, at the end, and on SIGINT/SIGTERM (resume point)
-    step_XXXXXXXX.ckpt   the last `keep_last` of those (hard links to the same bytes where the disk allows)
+    step_<8 digits>.ckpt the last `keep_last` of those (hard links to the same bytes where the disk allows)
     best.ckpt            the state with the best mean validation uSDR
     metrics.jsonl        one JSON object per logged step ({"step", "loss", "lr", ...}) or validation
                          ({"step", "usdr": {stem: dB}, ...})
