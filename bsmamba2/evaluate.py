@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    keep_freed_memory()  # every chunk allocates and frees the same large tensors: ~1.7× faster on CPU
+    keep_freed_memory()  # every chunk allocates and frees the same large tensors (README: CPU notes)
     tracks = select_tracks(args.data, args.subset, args.tracks)
     out = Path(args.out)
     estimates_dir = out / "estimates" / args.subset

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import Separator
     from .ops.malloc import keep_freed_memory
 
-    keep_freed_memory()  # every chunk allocates and frees the same large tensors: ~1.7× faster on CPU
+    keep_freed_memory()  # every chunk allocates and frees the same large tensors (README: CPU notes)
 
     # torchrun (or any launcher setting these) runs one process per rank; each takes every world_size-th file
     rank, world_size, local_rank = (int(os.environ.get(name, default))
