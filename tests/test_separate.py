@@ -166,7 +166,7 @@ def test_inputs_whose_stems_would_collide_and_no_input_means_the_example(workspa
 
 def test_torchrun_shares_the_files_out_across_ranks(workspace):
     names = ["stereo44.wav", "mono22.flac", "stereo48.ogg"]
-    result = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "-m", "bsmamba2", "separate",
+    result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "bsmamba2", "separate",
                              *[f"inputs/{name}" for name in names], "--checkpoint", "tiny.ckpt", "-o", "out_ranks"],
                             cwd=workspace, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
