@@ -4,18 +4,19 @@
     python scripts/oracle_baselines.py data/synth-test --subset test --stem vocals
 
 Per track and as a mean over tracks: the mixture itself as the estimate (what doing nothing scores), and the
-oracle ideal ratio mask |S| / (|S| + |rest|) on the model's STFT (n_fft 2048, hop 441, Hann; what a real-valued
-mask could at best reach there). Tracks whose stem is digitally silent are left out, as `bsmamba2 evaluate` does.
+oracle ideal ratio mask |S| / (|S| + |rest|) on the model's STFT (the `audio` config's n_fft and hop, Hann; what
+a real-valued mask could at best reach there). Tracks whose stem is digitally silent are left out, as `bsmamba2 evaluate` does.
 """
 import argparse
 
 import numpy as np
 import torch
 
+from bsmamba2.config import AudioConfig
 from bsmamba2.metrics import usdr
 from bsmamba2.musdb import list_tracks, read_stem
 
-N_FFT, HOP = 2048, 441
+N_FFT, HOP = AudioConfig.n_fft, AudioConfig.hop_length
 
 
 def ideal_ratio_mask_estimate(stem: np.ndarray, mixture: np.ndarray) -> np.ndarray:
