@@ -5,7 +5,8 @@
 
 Per track and as a mean over tracks: the mixture itself as the estimate (what doing nothing scores), and the
 oracle ideal ratio mask |S| / (|S| + |rest|) on the model's STFT (the `audio` config's n_fft and hop, Hann; what
-a real-valued mask could at best reach there). Tracks whose stem is digitally silent are left out, as `bsmamba2 evaluate` does.
+a real-valued mask could at best reach there). Tracks whose stem is digitally silent are left out, as
+`bsmamba2 evaluate` does.
 """
 import argparse
 
