@@ -163,6 +163,7 @@ class DataConfig:
     min_activity_db: Optional[float] = None  # redraw a stem's segment while its RMS (dBFS) is below this
     channel_swap: bool = False
     polarity_flip: bool = False
+    eq_db: float = 0.0  # each stem through a random smooth EQ within ±eq_db dB (0 = off)
 
     def validate(self, model: ModelConfig) -> None:
         _require(self.segment_seconds > 0, "data.segment_seconds", "must be positive")
@@ -176,6 +177,7 @@ class DataConfig:
         _require(len(self.gain_range) == 2 and 0 <= self.gain_range[0] <= self.gain_range[1], "data.gain_range",
                  "must be [low, high] with 0 <= low <= high")
         _require(0 <= self.silence_prob < 1, "data.silence_prob", "must be in [0, 1)")
+        _require(self.eq_db >= 0, "data.eq_db", "must be a non-negative gain in dB (0 = off)")
         _require(self.min_activity_db is None or self.min_activity_db < 0, "data.min_activity_db",
                  "must be a negative level in dBFS (RMS of a stem's segment), or null to keep every segment")
 

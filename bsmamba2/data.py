@@ -3,7 +3,8 @@
 Training examples follow the paper (SPEC §4): every source stem comes from its own random track and random
 position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is the
 sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional: segments
-whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped.
+whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped, each stem given a
+random EQ (`eq_db`).
 
 Example `index` is a pure function of `(seed, index)`: whichever worker or rank draws it, it is the same, so
 worker seeding, multi-process splits and exact resumption all reduce to "which indices come next"
@@ -28,6 +29,10 @@ from .musdb import list_tracks, read_stem, stem_info, stem_path
 
 # Redraws of a too-quiet stem before accepting whatever came last (a track may be silent throughout).
 ACTIVITY_TRIES = 10
+
+# Random EQ: gains drawn at these frequencies (two octaves apart) and joined linearly over log frequency, so every
+# stem gets a smooth tilt/bell curve, a timbre the renderer's instruments and rooms never had.
+EQ_ANCHORS_HZ = 40.0 * 4.0 ** np.arange(5)
 
 
 class FolderTrack:
@@ -129,6 +134,7 @@ class TrainingSegments(Dataset):
         self.target_positions = [self.sources.index(stem) for stem in config.model.stems]
         self.frames = round(config.data.segment_seconds * config.audio.sample_rate)
         self.channels = config.audio.channels
+        self.sample_rate = config.audio.sample_rate
         self.seed = config.training.seed
         self.attempts = ACTIVITY_TRIES if config.data.min_activity_db is not None else 1
 
@@ -145,6 +151,8 @@ class TrainingSegments(Dataset):
                 audio[:] = audio[::-1].copy()
             if self.data.polarity_flip and rng.random() < 0.5:
                 audio *= -1
+            if self.data.eq_db > 0:
+                audio[:] = random_eq(audio, rng, self.data.eq_db, self.sample_rate)
         gains = rng.uniform(*self.data.gain_range, size=len(stems)) * (rng.random(len(stems)) >= self.data.silence_prob)
         stems = np.stack(stems) * gains[:, None, None].astype(np.float32)
         mixture = stems.sum(axis=0)
@@ -228,6 +236,15 @@ class ValidationTracks:
         targets = np.stack([read(stem) for stem in self.stems])
         mixture = read("mixture") if track.has_mixture else sum(read(stem) for stem in self.sources)
         return ValidationItem(track.name, mixture, targets)
+
+
+def random_eq(audio: np.ndarray, rng: np.random.Generator, max_db: float, sample_rate: int) -> np.ndarray:
+    """`audio` (channels, samples) through a zero-phase EQ whose gain (dB) is drawn in ±`max_db` at each anchor."""
+    gains_db = rng.uniform(-max_db, max_db, size=len(EQ_ANCHORS_HZ))
+    frequencies = np.fft.rfftfreq(audio.shape[-1], 1 / sample_rate)
+    curve_db = np.interp(np.log(np.maximum(frequencies, EQ_ANCHORS_HZ[0])), np.log(EQ_ANCHORS_HZ), gains_db)
+    spectrum = np.fft.rfft(audio, axis=-1) * 10 ** (curve_db / 20)
+    return np.fft.irfft(spectrum, n=audio.shape[-1], axis=-1).astype(np.float32)
 
 
 def level_db(audio: np.ndarray) -> float:

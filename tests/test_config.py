@@ -40,6 +40,7 @@ def test_round_trip_through_dict():
     ("training.loss.stft_windows=[0]", "training.loss.stft_windows"),
     ("inference.overlap=1.5", "inference.overlap"),
     ("model.scan_backend=fast", "model.scan_backend"),
+    ("data.eq_db=-3", "data.eq_db: must be a non-negative gain in dB"),
     ("training.lr", "expected section.key=value"),
 ])
 def test_bad_values_name_the_key_and_file(override, message):

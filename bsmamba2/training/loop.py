@@ -85,6 +85,8 @@ class Trainer:
         training = config.training
         self.dist = Distributed(training.device)
         self.device = self.dist.device
+        if not self.dist.is_main:  # one account of the run (scan backend, progress): the other ranks only warn
+            log.setLevel(logging.WARNING)
         seed_everything(training.seed)  # the same initial weights on every rank
         train_tracks, valid_tracks = split_tracks(config)
         self.train_set = TrainingSegments(train_tracks, config)

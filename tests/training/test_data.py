@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader
 
 import bsmamba2.data as data_module
 from bsmamba2.config import MUSDB18_VALID_TRACKS
-from bsmamba2.data import StreamBatches, TrainingSegments, ValidationTracks, open_tracks, split_tracks
+from bsmamba2.data import (StreamBatches, TrainingSegments, ValidationTracks, open_tracks, random_eq,
+                           split_tracks)
 from bsmamba2.errors import BSMamba2Error
 
 from training_fixtures import RATE, SOURCES, tiny_config, track_ratio, write_tracks
@@ -89,6 +90,29 @@ def test_channel_swap_and_polarity(data_root):
         swapped.append(np.abs(other[1]).sum() > np.abs(other[0]).sum())
         flipped.append(other.mean() < 0)
     assert 0 < sum(swapped) < 20 and 0 < sum(flipped) < 20
+
+
+def test_random_eq_is_a_bounded_zero_phase_gain():
+    tone = np.stack([np.sin(2 * np.pi * 1000 * np.arange(RATE) / RATE)] * 2)  # whole cycles: one FFT bin
+    rng = np.random.default_rng(0)
+    gains_db = []
+    for _ in range(20):
+        equalized = random_eq(tone, rng, 6.0, RATE)
+        gain = float(np.dot(equalized[0], tone[0]) / np.dot(tone[0], tone[0]))
+        np.testing.assert_allclose(equalized, gain * tone, atol=1e-5)  # same phase, only scaled
+        gains_db.append(20 * np.log10(gain))
+    assert -6.0 <= min(gains_db) and max(gains_db) <= 6.0 and np.std(gains_db) > 1.0
+
+
+def test_eq_changes_each_stem_and_keeps_the_mixture_their_sum(data_root):
+    config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "gain_range": [1.0, 1.0], "eq_db": 6.0})
+    dataset = TrainingSegments(split_tracks(config)[0], config)
+    peaks = []
+    for index in range(20):
+        mixture, targets = dataset[index]
+        torch.testing.assert_close(targets.sum(0), mixture, rtol=0, atol=1e-6)
+        peaks.append(targets[2].abs().max().item() / 0.3)  # bass: a 0.3-peak sine, now through a random EQ
+    assert 0.45 < min(peaks) < 0.9 and 1.1 < max(peaks) < 2.1
 
 
 def test_reads_only_the_segment(data_root, monkeypatch):

@@ -1,0 +1,76 @@
+"""The scripts that work on training outputs and data (export_model.py, average_models.py, oracle_baselines.py
+in scripts/), run as a user runs them."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bsmamba2.checkpoint import build_model, save_model
+from bsmamba2.metrics import usdr
+from bsmamba2.musdb import list_tracks, read_stem
+from bsmamba2.training.loop import Trainer
+
+from training_fixtures import tiny_config
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert Trainer(tiny_config(data_root, training={"max_steps": 2}), run_dir, quiet=True).run() == 0
+    exported = tmp_path / "model.ckpt"
+    result = run_script("export_model.py", run_dir / "last.ckpt", exported)
+    assert result.returncode == 0, result.stderr
+    training, inference = (torch.load(path, weights_only=True) for path in (run_dir / "last.ckpt", exported))
+    assert set(inference) == {"config", "model"} and inference["config"] == training["config"]
+    for name, tensor in training["ema"].items():
+        assert torch.equal(inference["model"][name], tensor), name
+    assert exported.stat().st_size < (run_dir / "last.ckpt").stat().st_size / 2  # no optimizer state, one copy
+
+    again = run_script("export_model.py", run_dir / "last.ckpt", exported)
+    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+    assert run_script("export_model.py", run_dir / "last.ckpt", exported, "--force").returncode == 0
+
+
+def test_average_models_is_the_mean_of_the_weights(data_root, tmp_path):
+    paths = []
+    for seed, dim in ((0, 16), (1, 16), (2, 24)):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"model{seed}.ckpt")
+        save_model(build_model(tiny_config(data_root, model={"dim": dim})), paths[-1])
+    averaged = tmp_path / "average.ckpt"
+    result = run_script("average_models.py", paths[0], paths[1], averaged)
+    assert result.returncode == 0, result.stderr
+    first, second, mean = (torch.load(path, weights_only=True)["model"] for path in (paths[0], paths[1], averaged))
+    for name, tensor in mean.items():
+        torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
+
+    wider = run_script("average_models.py", paths[0], paths[2], tmp_path / "mixed.ckpt")
+    assert wider.returncode != 0 and "another architecture than" in wider.stderr
+    assert not (tmp_path / "mixed.ckpt").exists()
+    again = run_script("average_models.py", paths[0], paths[1], averaged)
+    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+
+
+def test_oracle_baselines_bracket_the_task(data_root):
+    result = run_script("oracle_baselines.py", data_root, "--subset", "test")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: [float(value) for value in line.split()[1:3]]
+            for line in result.stdout.splitlines()[1:-1]}
+    tracks = list_tracks(str(data_root), "test")
+    assert sorted(rows) == sorted(track.name for track in tracks)
+    for track in tracks:
+        stem, mixture = read_stem(track, "vocals"), read_stem(track, "mixture")
+        assert rows[track.name][0] == pytest.approx(usdr(stem, mixture), abs=0.01)  # printed to 2 decimals
+        assert rows[track.name][1] > rows[track.name][0] + 10  # a ratio mask on a sine over the rest: far better
+    mean_line = result.stdout.splitlines()[-1].split()
+    assert mean_line[:4] == ["mean", "of", "2", "tracks"]
+    assert float(mean_line[5]) == pytest.approx(np.mean([row[1] for row in rows.values()]), abs=0.01)
