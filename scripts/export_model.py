@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Export a training checkpoint as a small inference checkpoint: the resolved config and the EMA weights only.
+"""Export a training checkpoint as a small inference checkpoint: the resolved config and the EMA weights only;
+or, given several checkpoints of one architecture, the mean of their weights (weight-space ensembling, as in
+WiSE-FT: a fine-tuned model averaged with the model it started from often keeps more of what each learned).
 
     python scripts/export_model.py runs/synth_vocals/best.ckpt bsmamba2/pretrained/synth_vocals.ckpt [--force]
+    python scripts/export_model.py runs/a.ckpt runs/b.ckpt averaged.ckpt [--force]
 
-The result loads with `bsmamba2.load_model(path)` like the training checkpoint did (same weights), without the
-optimizer state, raw weights and random-generator states that only resuming needs.
+Inputs are anything `bsmamba2.load_model` reads; the result loads with it too, with the first input's config and
+without the optimizer state, raw weights and random-generator states that only resuming needs.
 """
 import argparse
 import sys
 from pathlib import Path
+
+import torch
 
 import bsmamba2
 from bsmamba2.checkpoint import save_model
@@ -16,16 +21,25 @@ from bsmamba2.checkpoint import save_model
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoints", nargs="+", metavar="checkpoint", help="one or more checkpoints")
     parser.add_argument("output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args()
     if Path(args.output).exists() and not args.force:
         sys.exit(f"{args.output} exists; pass --force to overwrite")
-    model = bsmamba2.load_model(args.checkpoint)
-    save_model(model, args.output)
+    models = [bsmamba2.load_model(path) for path in args.checkpoints]
+    first = models[0]
+    for path, model in zip(args.checkpoints[1:], models[1:]):
+        if (model.config.audio, model.config.model) != (first.config.audio, first.config.model):
+            sys.exit(f"{path}: another architecture than {args.checkpoints[0]} (audio/model config differ)")
+    if len(models) > 1:
+        states = [model.state_dict() for model in models]
+        first.load_state_dict({name: torch.stack([state[name].float() for state in states]).mean(0).to(tensor.dtype)
+                               if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
+    save_model(first, args.output)
     size = Path(args.output).stat().st_size / 2 ** 20
-    print(f"{args.output}: {sum(p.numel() for p in model.parameters()):,} parameters, {size:.1f} MiB")
+    averaged = f", the mean of {len(models)} models" if len(models) > 1 else ""
+    print(f"{args.output}: {sum(p.numel() for p in first.parameters()):,} parameters{averaged}, {size:.1f} MiB")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The scripts that work on training outputs and data (export_model.py, average_models.py, oracle_baselines.py
-in scripts/), run as a user runs them."""
+"""The scripts that work on training outputs and data (export_model.py, oracle_baselines.py in scripts/), run as
+a user runs them."""
 import subprocess
 import sys
 from pathlib import Path
@@ -40,23 +40,23 @@ def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, t
     assert run_script("export_model.py", run_dir / "last.ckpt", exported, "--force").returncode == 0
 
 
-def test_average_models_is_the_mean_of_the_weights(data_root, tmp_path):
+def test_export_of_several_models_is_the_mean_of_their_weights(data_root, tmp_path):
     paths = []
     for seed, dim in ((0, 16), (1, 16), (2, 24)):
         torch.manual_seed(seed)
         paths.append(tmp_path / f"model{seed}.ckpt")
         save_model(build_model(tiny_config(data_root, model={"dim": dim})), paths[-1])
     averaged = tmp_path / "average.ckpt"
-    result = run_script("average_models.py", paths[0], paths[1], averaged)
+    result = run_script("export_model.py", paths[0], paths[1], averaged)
     assert result.returncode == 0, result.stderr
     first, second, mean = (torch.load(path, weights_only=True)["model"] for path in (paths[0], paths[1], averaged))
     for name, tensor in mean.items():
         torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
 
-    wider = run_script("average_models.py", paths[0], paths[2], tmp_path / "mixed.ckpt")
+    wider = run_script("export_model.py", paths[0], paths[2], tmp_path / "mixed.ckpt")
     assert wider.returncode != 0 and "another architecture than" in wider.stderr
     assert not (tmp_path / "mixed.ckpt").exists()
-    again = run_script("average_models.py", paths[0], paths[1], averaged)
+    again = run_script("export_model.py", paths[0], paths[1], averaged)
     assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
 
 
