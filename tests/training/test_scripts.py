@@ -1,5 +1,5 @@
-"""The scripts that work on training outputs and data (export_model.py, oracle_baselines.py in scripts/), run as
-a user runs them."""
+"""The scripts that work on training outputs and data (export_model.py, grow_model.py, oracle_baselines.py in
+scripts/), run as a user runs them."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import bsmamba2
 from bsmamba2.checkpoint import build_model, save_model
 from bsmamba2.metrics import usdr
 from bsmamba2.musdb import list_tracks, read_stem
@@ -74,3 +75,23 @@ def test_oracle_baselines_bracket_the_task(data_root):
     mean_line = result.stdout.splitlines()[-1].split()
     assert mean_line[:4] == ["mean", "of", "2", "tracks"]
     assert float(mean_line[5]) == pytest.approx(np.mean([row[1] for row in rows.values()]), abs=0.01)
+
+
+def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_config(data_root))
+    save_model(source, tmp_path / "source.ckpt")
+    grown_path = tmp_path / "grown.ckpt"
+    result = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path)
+    assert result.returncode == 0, result.stderr
+    grown = bsmamba2.load_model(grown_path)
+    assert grown.config.model.depth == source.config.model.depth + 1 == len(grown.layers)
+    mixture = torch.randn(1, 2, 22050)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(mixture), source.eval()(mixture), rtol=0, atol=1e-6)
+    grown_weights = dict(grown.named_parameters())
+    for name, tensor in source.named_parameters():
+        assert torch.equal(grown_weights[name], tensor), name
+
+    again = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path)
+    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
