@@ -95,3 +95,7 @@ def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, t
 
     again = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path)
     assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+    regrown = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path, "--force")
+    assert regrown.returncode == 0, regrown.stderr
+    for name, tensor in bsmamba2.load_model(grown_path).named_parameters():  # same seed, same new layer
+        assert torch.equal(grown_weights[name], tensor), name
