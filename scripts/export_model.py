@@ -17,6 +17,7 @@ import torch
 
 import bsmamba2
 from bsmamba2.checkpoint import save_model
+from bsmamba2.errors import BSMamba2Error
 
 
 def main() -> int:
@@ -44,4 +45,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BSMamba2Error as error:  # an unreadable or mismatched checkpoint: one line, not a traceback
+        sys.exit(f"{Path(__file__).name}: error: {error}")

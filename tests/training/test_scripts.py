@@ -99,3 +99,14 @@ def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, t
     assert regrown.returncode == 0, regrown.stderr
     for name, tensor in bsmamba2.load_model(grown_path).named_parameters():  # same seed, same new layer
         assert torch.equal(grown_weights[name], tensor), name
+
+
+@pytest.mark.parametrize("script", ["export_model.py", "grow_model.py"])
+def test_unreadable_checkpoint_is_one_line_error_and_writes_nothing(script, tmp_path):
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    for source in (tmp_path / "missing.ckpt", tmp_path / "corrupt.ckpt"):
+        result = run_script(script, source, tmp_path / "out.ckpt")
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: checkpoint {source}")
+        assert not (tmp_path / "out.ckpt").exists()
