@@ -87,9 +87,10 @@ class LossConfig:
     stft_windows: list[int] = field(default_factory=lambda: [4096, 2048, 1024, 512, 256])
     stft_hop: int = 147
     stft_min_n_fft: int = 2048
+    sdr_weight: float = 0.0
 
     def validate(self) -> None:
-        _require(self.waveform_weight >= 0 and self.stft_weight >= 0, "training.loss",
+        _require(self.waveform_weight >= 0 and self.stft_weight >= 0 and self.sdr_weight >= 0, "training.loss",
                  "weights must be non-negative")
         _require(all(w > 0 for w in self.stft_windows), "training.loss.stft_windows", "must be positive")
         _require(self.stft_hop > 0, "training.loss.stft_hop", "must be positive")

@@ -38,6 +38,7 @@ def test_round_trip_through_dict():
     ("model.headdim=100", "model.headdim: must divide d_inner"),
     ("model.ngroups=3", "model.ngroups: must divide the number of heads"),
     ("training.loss.stft_windows=[0]", "training.loss.stft_windows"),
+    ("training.loss.sdr_weight=-1", "training.loss: weights must be non-negative"),
     ("inference.overlap=1.5", "inference.overlap"),
     ("model.scan_backend=fast", "model.scan_backend"),
     ("data.eq_db=-3", "data.eq_db: must be a non-negative gain in dB"),

@@ -3,6 +3,7 @@ import torch
 
 from bsmamba2.config import LossConfig
 from bsmamba2.losses import MultiResolutionLoss
+from bsmamba2.metrics import usdr
 
 
 def numpy_stft(signal, n_fft, hop, window_length):
@@ -54,3 +55,16 @@ def test_loss_is_zero_for_a_perfect_estimate_and_has_gradients():
     assert loss.item() == 0.0
     (MultiResolutionLoss(LossConfig())(estimate * 1.1, target)).backward()
     assert estimate.grad.abs().sum() > 0
+
+
+def test_sdr_term_is_minus_usdr_of_the_batch_as_one_track_per_stem():
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randn(3, 2, 2, 4000, generator=generator, dtype=torch.float64)
+    target[0, 0] = 0  # a silent example counts by its (zero) energy, not by a ratio of its own
+    estimate = target + 0.3 * torch.randn(3, 2, 2, 4000, generator=generator, dtype=torch.float64)
+    loss = MultiResolutionLoss(LossConfig(waveform_weight=0.0, stft_weight=0.0, sdr_weight=2.0))(estimate, target)
+    per_stem = [usdr(target[:, stem].numpy(), estimate[:, stem].numpy()) for stem in range(2)]
+    np.testing.assert_allclose(loss.item(), -2.0 * np.mean(per_stem), rtol=1e-6)
+    combined = MultiResolutionLoss(LossConfig(sdr_weight=2.0))(estimate, target).item()
+    paper = MultiResolutionLoss(LossConfig())(estimate, target).item()
+    np.testing.assert_allclose(combined, paper + loss.item(), rtol=1e-5)  # the loss computes in float32
