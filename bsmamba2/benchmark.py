@@ -32,11 +32,11 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from .config import SCAN_BACKENDS as BACKENDS
 from .errors import BSMamba2Error
 from .files import atomic_write, write_text_atomic
 
 NHEADS, HEADDIM, DSTATE = 16, 64, 128          # the paper mixer: d_model 256, expand 4, headdim 64, d_state 128
-BACKENDS = ("reference", "torch", "torch+compile", "cuda", "triton")
 PASSES = ("fwd", "fwdbwd")
 ERROR_SEQUENCES = 2                              # sequences the reference recomputes for the error column
 
@@ -230,7 +230,7 @@ def _scan_inputs(batch: int, seqlen: int, device: torch.device, requires_grad: b
 
 def _error_vs_reference(inputs: dict, grad_out, job: dict, call) -> dict:
     """Max |difference| from the reference loop on the first sequences: y, and dx, ddt, dB, dC after backward."""
-    from .ops.reference import scan_reference
+    from .ops.scan_reference import scan_reference
 
     k = min(ERROR_SEQUENCES, job["batch"])
     backward = job["pass"] == "fwdbwd"

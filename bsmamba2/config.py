@@ -17,7 +17,8 @@ import yaml
 
 from .errors import BSMamba2Error
 
-# The paper's 62 bands over the 1025 bins of a 2048-point STFT (SPEC §2).
+# The paper's 62 bands over the 1025 bins of a 2048-point STFT ("Mamba2 Meets Silence", the band-split layout of
+# BS-RoFormer): narrow bands at low frequencies, where the voice and most pitches live, wide ones above.
 PAPER_BAND_WIDTHS = [2] * 24 + [4] * 12 + [12] * 8 + [24] * 8 + [48] * 8 + [128, 129]
 
 # The paper's 14 MUSDB18-HQ validation tracks (taken out of the 100 training tracks).
@@ -28,6 +29,9 @@ MUSDB18_VALID_TRACKS = [
     "Skelpolu - Human Mistakes", "Young Griffo - Pennies", "ANiMAL - Rockshow",
     "James May - On The Line", "Meaxic - Take A Step", "Traffic Experiment - Sirens",
 ]
+
+# The implementations of Mamba2's scan and causal conv (bsmamba2.ops.backends); `auto` picks one per device.
+SCAN_BACKENDS = ("torch", "torch+compile", "cuda", "triton", "reference")
 
 
 @dataclass
@@ -51,7 +55,7 @@ class ModelConfig:
     depth: int = 6
     band_widths: list[int] = field(default_factory=lambda: list(PAPER_BAND_WIDTHS))
     mask_hidden_factor: int = 4
-    # Mamba2 mixer (SPEC §3)
+    # Mamba2 mixer (mamba_ssm's Mamba2 arguments; scan_chunk_size is its chunk_size)
     d_state: int = 128
     expand: int = 4
     headdim: int = 64
@@ -76,8 +80,8 @@ class ModelConfig:
         _require((d_inner // self.headdim) % self.ngroups == 0, "model.ngroups",
                  f"must divide the number of heads ({d_inner // self.headdim})")
         _require(2 <= self.d_conv <= 4, "model.d_conv", "must be 2, 3 or 4 (the causal-conv1d kernel's range)")
-        _require(self.scan_backend in ("auto", "torch", "torch+compile", "cuda", "triton", "reference"),
-                 "model.scan_backend", "must be auto, torch, torch+compile, cuda, triton or reference")
+        _require(self.scan_backend in ("auto",) + SCAN_BACKENDS, "model.scan_backend",
+                 f"must be auto, {', '.join(SCAN_BACKENDS[:-1])} or {SCAN_BACKENDS[-1]}")
 
 
 @dataclass

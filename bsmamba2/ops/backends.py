@@ -12,11 +12,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config import SCAN_BACKENDS
 from ..errors import BSMamba2Error
-from . import kernels
-from .compiled import ssd_scan_compiled
-from .reference import causal_conv1d_reference, scan_reference
-from .ssd import causal_conv1d_torch, ssd_scan
+from . import scan_kernels
+from .scan_torch_compile import ssd_scan_compiled
+from .scan_reference import causal_conv1d_reference, scan_reference
+from .scan_torch import causal_conv1d_torch, ssd_scan
 
 ENV_VAR = "BSMAMBA2_SCAN"
 logger = logging.getLogger("bsmamba2")
@@ -28,21 +29,21 @@ class Backend:
     description: str
     scan: Callable
     conv: Callable
-    kernels: tuple = ()          # fused kernels it needs (names in kernels.KERNELS)
+    kernels: tuple = ()          # fused kernels it needs (names in scan_kernels.KERNELS)
     needs: str = ""              # what to tell the user when they are missing
 
 
 BACKENDS = {backend.name: backend for backend in (
     Backend("torch", "chunked SSD, pure PyTorch", ssd_scan, causal_conv1d_torch),
     Backend("torch+compile", "chunked SSD, pure PyTorch, torch.compile'd", ssd_scan_compiled, causal_conv1d_torch),
-    Backend("cuda", "mamba_ssm selective_scan_fn + causal_conv1d_fn", kernels.scan_selective,
-            kernels.conv_causal_conv1d, ("selective_scan_fn", "causal_conv1d_fn"),
+    Backend("cuda", "mamba_ssm selective_scan_fn + causal_conv1d_fn", scan_kernels.scan_selective,
+            scan_kernels.conv_causal_conv1d, ("selective_scan_fn", "causal_conv1d_fn"),
             "mamba_ssm and causal_conv1d and CUDA tensors"),
-    Backend("triton", "mamba_ssm Triton mamba_chunk_scan_combined, conv in PyTorch", kernels.scan_triton,
+    Backend("triton", "mamba_ssm Triton mamba_chunk_scan_combined, conv in PyTorch", scan_kernels.scan_triton,
             causal_conv1d_torch, ("mamba_chunk_scan_combined",), "mamba_ssm (with Triton) and CUDA tensors"),
     Backend("reference", "sequential loop over time, for tests", scan_reference, causal_conv1d_reference),
 )}
-BACKEND_NAMES = tuple(BACKENDS)
+BACKEND_NAMES = SCAN_BACKENDS  # the names the config accepts; tests check they are exactly BACKENDS' keys
 _AUTO_ORDER = ("cuda", "triton", "torch")
 _logged = set()
 
@@ -75,4 +76,4 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> Backend:
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend `name` cannot run on `device` (None if it can)."""
     backend = BACKENDS[name]
-    return kernels.kernel_unavailable_reason(backend.kernels, device) if backend.kernels else None
+    return scan_kernels.kernel_unavailable_reason(backend.kernels, device) if backend.kernels else None

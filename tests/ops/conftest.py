@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsmamba2.ops import backends, kernels
+from bsmamba2.ops import backends, scan_kernels
 
 
 def selective_scan_standin(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -116,6 +116,6 @@ def kernel_standins(monkeypatch, fresh_backend_log):
     def load_kernel(name):
         return STANDINS[name]
 
-    monkeypatch.setattr(kernels, "load_kernel", load_kernel)
-    monkeypatch.setattr(kernels, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(scan_kernels, "load_kernel", load_kernel)
+    monkeypatch.setattr(scan_kernels, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
     return STANDINS

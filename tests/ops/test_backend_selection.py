@@ -5,10 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from bsmamba2.config import Config
+from bsmamba2.config import SCAN_BACKENDS, Config
 from bsmamba2.errors import BSMamba2Error
 from bsmamba2.models.mamba2 import Mamba2
-from bsmamba2.ops import BACKEND_NAMES, kernels, mamba_chunk_scan_combined, resolve_backend
+from bsmamba2.ops import BACKEND_NAMES, backends, mamba_chunk_scan_combined, resolve_backend, scan_kernels
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -32,7 +32,7 @@ def test_auto_on_cuda_prefers_kernels_by_what_imports(monkeypatch, fresh_backend
             raise ImportError(f"No module named {name!r}")
         return available[name]
 
-    monkeypatch.setattr(kernels, "load_kernel", load_kernel)
+    monkeypatch.setattr(scan_kernels, "load_kernel", load_kernel)
     assert resolve_backend(None, CUDA).name == "torch"                 # nothing installed
     available["mamba_chunk_scan_combined"] = object()
     assert resolve_backend(None, CUDA).name == "triton"                # mamba_ssm without causal-conv1d
@@ -76,7 +76,7 @@ def test_unknown_backend_names_its_source(monkeypatch, fresh_backend_log):
 
 def test_each_choice_logged_once_and_used(monkeypatch, caplog, fresh_backend_log):
     calls = []
-    monkeypatch.setattr(kernels, "scan_triton", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(scan_kernels, "scan_triton", lambda *a, **k: calls.append("triton"))
     x = torch.randn(1, 5, 2, 4)
     with caplog.at_level("INFO", logger="bsmamba2"):
         for _ in range(3):
@@ -93,7 +93,8 @@ def test_mixer_passes_its_configured_backend(caplog, fresh_backend_log):
     assert "scan backend: reference (sequential loop over time, for tests) on cpu, requested" in scan_log(caplog)
 
 
-def test_config_accepts_every_backend_name():
+def test_every_backend_name_the_config_accepts_has_an_implementation():
+    assert tuple(backends.BACKENDS) == BACKEND_NAMES == SCAN_BACKENDS
     for name in ("auto",) + BACKEND_NAMES:
         assert Config.from_dict({"model": {"scan_backend": name}}).model.scan_backend == name
     with pytest.raises(BSMamba2Error, match="model.scan_backend"):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bsmamba2.errors import BSMamba2Error
-from bsmamba2.ops import compiled, mamba_chunk_scan_combined
-from bsmamba2.ops.reference import scan_reference
+from bsmamba2.ops import mamba_chunk_scan_combined, scan_torch_compile
+from bsmamba2.ops.scan_reference import scan_reference
 
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
@@ -142,13 +142,13 @@ def test_torch_compile_backend_matches_eager(monkeypatch, fresh_backend_log):
     """The torch+compile path traced by torch.compile. Inductor's C++ build costs about a minute per shape on this
     machine, so the test compiles with "aot_eager" — the same Dynamo + AOTAutograd tracing of our function, forward
     and backward — and leaves code generation to torch's own tests (the benchmark runs the real thing)."""
-    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(compiled, "_compiled", None)
-    monkeypatch.setattr(compiled, "_compile_failed", False)
+    monkeypatch.setattr(scan_torch_compile, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(scan_torch_compile, "_compiled", None)
+    monkeypatch.setattr(scan_torch_compile, "_compile_failed", False)
     torch._dynamo.reset()
     inputs = make_inputs(37, ngroups=2, dstate=16, initial=True, D_per_channel=True)
     assert_backend_matches_reference("torch+compile", inputs, chunk_size=16)
-    assert not compiled._compile_failed
+    assert not scan_torch_compile._compile_failed
 
 
 def test_torch_compile_failure_falls_back_to_eager_once(monkeypatch, caplog, fresh_backend_log):
@@ -158,8 +158,8 @@ def test_torch_compile_failure_falls_back_to_eager_once(monkeypatch, caplog, fre
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(compiled, "_compiled", None)
-    monkeypatch.setattr(compiled, "_compile_failed", False)
+    monkeypatch.setattr(scan_torch_compile, "_compiled", None)
+    monkeypatch.setattr(scan_torch_compile, "_compile_failed", False)
     inputs = make_inputs(20)
     with caplog.at_level("WARNING", logger="bsmamba2"):
         assert_backend_matches_reference("torch+compile", inputs, chunk_size=8)
@@ -222,8 +222,8 @@ def test_mamba2_mixer_same_under_every_backend(backend, monkeypatch, kernel_stan
     """The whole mixer (projection, causal conv, scan, gated norm), forward and backward, against `reference`."""
     from bsmamba2.models.mamba2 import Mamba2
 
-    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.setattr(scan_torch_compile, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(scan_torch_compile, "_compiled", None)
     torch._dynamo.reset()
     torch.manual_seed(0)
     mixer = Mamba2(16, d_state=8, expand=2, headdim=8, ngroups=2, chunk_size=4)

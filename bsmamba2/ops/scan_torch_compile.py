@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .ssd import ssd_scan
+from .scan_torch import ssd_scan
 
 logger = logging.getLogger("bsmamba2")
 # torch.compile backend: inductor generates fused C++ loops; tests use "aot_eager" (same tracing, no C++ build).

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import discretize_dt, gate
+from .scan_reference import discretize_dt, gate
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
