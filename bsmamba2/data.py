@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .config import Config
 from .errors import BSMamba2Error
-from .musdb import list_tracks, read_stem, stem_info, stem_path
+from .tracks import check_sample_rate, check_stems, has_stem, list_tracks, pick_tracks, read_stem
 
 # Redraws of a too-quiet stem before accepting whatever came last (a track may be silent throughout).
 ACTIVITY_TRIES = 10
@@ -41,15 +41,9 @@ class FolderTrack:
     def __init__(self, directory: Path, stems: list[str], sample_rate: int):
         self.directory = directory
         self.name = directory.name
-        self.has_mixture = _has_stem(directory, "mixture")
-        lengths = []
-        for stem in stems + ["mixture"] * self.has_mixture:
-            info = stem_info(directory, stem)
-            if info.sample_rate != sample_rate:
-                raise BSMamba2Error(f"{info.path}: sample rate {info.sample_rate} Hz, the config wants "
-                                    f"{sample_rate} Hz (audio.sample_rate); resample the data set first")
-            lengths.append(info.frames)
-        self.frames = min(lengths)
+        self.has_mixture = has_stem(directory, "mixture")
+        infos = check_stems(directory, stems + ["mixture"] * self.has_mixture, sample_rate)
+        self.frames = min(info.frames for info in infos)
 
     def read(self, stem: str, start: int, frames: int) -> np.ndarray:
         return read_stem(self.directory, stem, start, frames)
@@ -59,9 +53,7 @@ class StemsFileTrack:
     """A track of the `.stem.mp4` MUSDB18 release, decoded through the `musdb` package (ffmpeg)."""
 
     def __init__(self, track, sample_rate: int):
-        if track.rate != sample_rate:
-            raise BSMamba2Error(f"{track.path}: sample rate {track.rate} Hz, the config wants {sample_rate} Hz "
-                                f"(audio.sample_rate)")
+        check_sample_rate(track.path, track.rate, sample_rate)
         self.track = track
         self.name = track.name
         self.has_mixture = True
@@ -106,15 +98,8 @@ def split_tracks(config: Config) -> tuple[list, list]:
     rate = config.audio.sample_rate
     train = open_tracks(data.root, data.train_subset, stems, rate)
     pool = train if data.valid_subset == data.train_subset else open_tracks(data.root, data.valid_subset, stems, rate)
-    if not data.valid_tracks:
-        valid = pool
-    else:
-        by_name = {track.name: track for track in pool}
-        missing = [name for name in data.valid_tracks if name not in by_name]
-        if missing:
-            raise BSMamba2Error(f"data.valid_tracks: {len(missing)} track(s) not in {data.root}/{data.valid_subset}, "
-                                f"e.g. {missing[0]!r}")
-        valid = [by_name[name] for name in data.valid_tracks]
+    valid = pick_tracks(pool, data.valid_tracks, f"data.valid_tracks: {Path(data.root) / data.valid_subset}") \
+        if data.valid_tracks else pool
     if pool is train:
         held_out = {track.name for track in valid}
         train = [track for track in train if track.name not in held_out]
@@ -206,7 +191,6 @@ class StreamBatches(Sampler):
 
 @dataclass
 class ValidationItem:
-    name: str
     mixture: np.ndarray  # (channels, samples)
     targets: np.ndarray  # (stems, channels, samples)
 
@@ -235,7 +219,7 @@ class ValidationTracks:
 
         targets = np.stack([read(stem) for stem in self.stems])
         mixture = read("mixture") if track.has_mixture else sum(read(stem) for stem in self.sources)
-        return ValidationItem(track.name, mixture, targets)
+        return ValidationItem(mixture, targets)
 
 
 def random_eq(audio: np.ndarray, rng: np.random.Generator, max_db: float, sample_rate: int) -> np.ndarray:
@@ -267,11 +251,3 @@ def _fit_length(audio: np.ndarray, frames: int) -> np.ndarray:
     if audio.shape[1] >= frames:
         return audio[:, :frames]
     return np.pad(audio, ((0, 0), (0, frames - audio.shape[1])))
-
-
-def _has_stem(directory: Path, stem: str) -> bool:
-    try:
-        stem_path(directory, stem)
-    except BSMamba2Error:
-        return False
-    return True

@@ -28,7 +28,7 @@ from .errors import BSMamba2Error
 from .files import write_text_atomic
 from .metrics import museval_missing_reason, score_track
 from .ops.malloc import keep_freed_memory
-from .musdb import list_tracks, read_stem, stem_info, stem_path
+from .tracks import check_stems, list_tracks, pick_tracks, read_stem
 
 log = logging.getLogger("bsmamba2")
 
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
                           overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
     stems = separator.model.stems  # scored; a one-stem model's complement (no_<stem>) is not
     for track_dir in tracks:  # fail before hours of separation, not in the middle
-        for stem in ("mixture", *stems):
-            stem_path(track_dir, stem)
+        check_stems(track_dir, ["mixture", *stems], same_shape=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -115,27 +114,12 @@ def run(args: argparse.Namespace) -> int:
 def select_tracks(root, subset: str, names) -> list[Path]:
     """The track folders to evaluate: all of ROOT/subset, or the named ones (each must exist)."""
     tracks = list_tracks(root, subset)
-    if not names:
-        return tracks
-    by_name = {track.name: track for track in tracks}
-    unknown = [name for name in names if name not in by_name]
-    if unknown:
-        raise BSMamba2Error(f"{Path(root) / subset}: no track named {unknown[0]!r}"
-                            + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    return [by_name[name] for name in dict.fromkeys(names)]
+    return pick_tracks(tracks, names, str(Path(root) / subset)) if names else tracks
 
 
 def read_track(track_dir: Path, stems: list) -> tuple:
     """The mixture, the reference stems and the sample rate of a track, checking that all files agree."""
-    mixture_info = stem_info(track_dir, "mixture")
-    for stem in stems:
-        info = stem_info(track_dir, stem)
-        if (info.sample_rate, info.channels, info.frames) != (mixture_info.sample_rate, mixture_info.channels,
-                                                             mixture_info.frames):
-            raise BSMamba2Error(
-                f"{info.path}: {info.sample_rate} Hz, {info.channels} channels, {info.frames} samples, but the "
-                f"mixture has {mixture_info.sample_rate} Hz, {mixture_info.channels} channels, "
-                f"{mixture_info.frames} samples")
+    mixture_info = check_stems(track_dir, ["mixture", *stems], same_shape=True)[0]
     references = {stem: read_stem(track_dir, stem) for stem in stems}
     return read_stem(track_dir, "mixture"), references, mixture_info.sample_rate
 

@@ -1,13 +1,14 @@
-"""MUSDB18-HQ-style track folders: `ROOT/<subset>/<track>/<stem>.wav` (or `.flac`).
+"""Track folders in the MUSDB18-HQ layout: `ROOT/<subset>/<track>/<stem>.wav` (or `.flac`).
 
-One folder per track, one file per stem (`mixture`, `vocals`, `drums`, ...), all at the same rate and length.
-Stems are read with soundfile, only the requested frames, as float32 arrays shaped (channels, samples).
+One folder per track, one file per stem (`mixture`, `vocals`, `drums`, ...). Finding tracks, picking them by name
+and checking their stems happen here for training (`data.py`) and evaluation (`evaluate.py`) alike. Stems are read
+with soundfile, only the requested frames, as float32 arrays shaped (channels, samples).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -40,6 +41,48 @@ def list_tracks(root: PathLike, subset: str) -> list[Path]:
     if not tracks:
         raise BSMamba2Error(f"{subset_dir}: no track folders")
     return tracks
+
+
+def pick_tracks(tracks: list, names, where: str) -> list:
+    """The tracks called `names` (each once, in the order given) among `tracks` (anything with a `.name`);
+    an unknown name raises, with `where` saying where the tracks were looked for."""
+    by_name = {track.name: track for track in tracks}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise BSMamba2Error(f"{where}: no track named {unknown[0]!r}"
+                            + (f" (nor {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return [by_name[name] for name in dict.fromkeys(names)]
+
+
+def check_stems(track_dir: PathLike, stems: list[str], sample_rate: Optional[int] = None,
+                same_shape: bool = False) -> list[StemInfo]:
+    """The headers of a track's `stems`; raises when one is missing or unreadable, is not at `sample_rate` (when
+    given), or, with `same_shape`, differs from the first stem in sample rate, channels or length."""
+    infos = [stem_info(track_dir, stem) for stem in stems]
+    first = infos[0]
+    for info in infos:
+        if sample_rate is not None:
+            check_sample_rate(info.path, info.sample_rate, sample_rate)
+        if same_shape and (info.sample_rate, info.channels, info.frames) != (first.sample_rate, first.channels,
+                                                                            first.frames):
+            raise BSMamba2Error(
+                f"{info.path}: {info.sample_rate} Hz, {info.channels} channels, {info.frames} samples, but the "
+                f"{stems[0]} has {first.sample_rate} Hz, {first.channels} channels, {first.frames} samples")
+    return infos
+
+
+def check_sample_rate(path, rate: int, wanted: int) -> None:
+    if rate != wanted:
+        raise BSMamba2Error(f"{path}: sample rate {rate} Hz, the config wants {wanted} Hz (audio.sample_rate); "
+                            f"resample the data set first")
+
+
+def has_stem(track_dir: PathLike, stem: str) -> bool:
+    try:
+        stem_path(track_dir, stem)
+    except BSMamba2Error:
+        return False
+    return True
 
 
 def stem_path(track_dir: PathLike, stem: str) -> Path:

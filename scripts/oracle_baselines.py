@@ -15,7 +15,7 @@ import torch
 
 from bsmamba2.config import AudioConfig
 from bsmamba2.metrics import usdr
-from bsmamba2.musdb import list_tracks, read_stem
+from bsmamba2.tracks import list_tracks, read_stem
 
 N_FFT, HOP = AudioConfig.n_fft, AudioConfig.hop_length
 

@@ -13,7 +13,7 @@ from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main
 from bsmamba2.config import Config
 from bsmamba2.metrics import score_track, usdr
-from bsmamba2.musdb import read_stem
+from bsmamba2.tracks import read_stem
 
 RATE = 8000
 STEMS = ["vocals", "drums"]

@@ -10,7 +10,7 @@ import soundfile as sf
 import bsmamba2
 from bsmamba2.cli import main
 from bsmamba2.metrics import usdr
-from bsmamba2.musdb import list_tracks, read_stem
+from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.pretrained import CHECKPOINT, EXAMPLE
 
 SYNTH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synth-dev"

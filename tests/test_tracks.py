@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 
 from bsmamba2.errors import BSMamba2Error
-from bsmamba2.musdb import list_tracks, read_stem, stem_info, stem_path
+from bsmamba2.tracks import check_stems, has_stem, list_tracks, pick_tracks, read_stem, stem_info, stem_path
 
 RATE = 8000
 
@@ -74,3 +74,30 @@ def test_missing_and_unreadable_stems(root):
         read_stem(track, "other")
     with pytest.raises(BSMamba2Error, match=r"other.wav: cannot read audio"):
         stem_info(track, "other")
+
+
+def test_pick_tracks_by_name_once_each_in_the_order_given(root):
+    tracks = list_tracks(root, "test")
+    assert [t.name for t in pick_tracks(tracks, ["b song", "a song", "b song"], "here")] == ["b song", "a song"]
+    with pytest.raises(BSMamba2Error, match=r"^here: no track named 'c song' \(nor 1 more\)$"):
+        pick_tracks(tracks, ["a song", "c song", "d song"], "here")
+    with pytest.raises(BSMamba2Error, match=r"^here: no track named 'c song'$"):
+        pick_tracks(tracks, ["c song"], "here")
+
+
+def test_check_stems_reads_headers_and_checks_rate_and_shape(root):
+    track = root / "test" / "a song"
+    write(track / "vocals.wav", np.zeros((2, 1000), np.float32))
+    infos = check_stems(track, ["mixture", "vocals"], sample_rate=RATE, same_shape=True)
+    assert [(i.path.name, i.sample_rate, i.channels, i.frames) for i in infos] == [
+        ("mixture.wav", RATE, 2, 1000), ("vocals.wav", RATE, 2, 1000)]
+    with pytest.raises(BSMamba2Error, match=r"mixture.wav: sample rate 8000 Hz, the config wants 44100 Hz"):
+        check_stems(track, ["mixture", "vocals"], sample_rate=44100)
+    write(track / "bass.wav", np.zeros((1, 900), np.float32))
+    assert [i.frames for i in check_stems(track, ["mixture", "bass"], sample_rate=RATE)] == [1000, 900]
+    with pytest.raises(BSMamba2Error, match=r"bass.wav: 8000 Hz, 1 channels, 900 samples, but the mixture has "
+                                            r"8000 Hz, 2 channels, 1000 samples"):
+        check_stems(track, ["mixture", "bass"], same_shape=True)
+    with pytest.raises(BSMamba2Error, match=r"no drums stem"):
+        check_stems(track, ["mixture", "drums"])
+    assert has_stem(track, "bass") and not has_stem(track, "drums")

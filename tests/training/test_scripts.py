@@ -11,7 +11,7 @@ import torch
 import bsmamba2
 from bsmamba2.checkpoint import build_model, save_model
 from bsmamba2.metrics import usdr
-from bsmamba2.musdb import list_tracks, read_stem
+from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.training.loop import Trainer
 
 from training_fixtures import tiny_config
