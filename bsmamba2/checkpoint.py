@@ -28,12 +28,7 @@ ANCHOR_KEY = "final_norm.gamma"
 
 def build_model(config: Config) -> BSMamba2:
     """An untrained model for `config` (in train mode); `model.config` keeps the config."""
-    audio, m = config.audio, config.model
-    model = BSMamba2(stems=m.stems, sample_rate=audio.sample_rate, audio_channels=audio.channels,
-                     n_fft=audio.n_fft, hop_length=audio.hop_length, band_widths=m.band_widths, dim=m.dim,
-                     depth=m.depth, mask_hidden_factor=m.mask_hidden_factor, d_state=m.d_state, expand=m.expand,
-                     headdim=m.headdim, ngroups=m.ngroups, d_conv=m.d_conv, scan_chunk_size=m.scan_chunk_size,
-                     scan_backend=m.scan_backend, gradient_checkpointing=m.gradient_checkpointing)
+    model = BSMamba2(config.model, config.audio)
     model.config = config
     return model
 
@@ -53,15 +48,10 @@ def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, 
     elif isinstance(payload.get("config"), dict):
         config = Config.from_dict(payload["config"], source=f"config stored in {checkpoint}")
     else:
-        config = paper_vocals_config()
+        config = Config().validate()  # the defaults are the published vocals checkpoints' configuration
     model = build_model(config)
     model.load_state_dict(find_state_dict(payload, model, checkpoint))
     return model.to(device).eval()
-
-
-def paper_vocals_config() -> Config:
-    """The configuration of the published vocals checkpoints: SPEC §2, which is also the Config default."""
-    return Config().validate()
 
 
 def find_state_dict(payload: dict, model: torch.nn.Module, source) -> dict:

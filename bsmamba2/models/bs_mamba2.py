@@ -1,4 +1,4 @@
-"""BSMamba2: band-split STFT front end, dual-path bidirectional Mamba2, complex masks (SPEC §2).
+"""BSMamba2 ("Mamba2 Meets Silence"): band-split STFT front end, dual-path bidirectional Mamba2, complex masks.
 
     wave (b, c, s) ─STFT→ (b, t, f·c·2) ─band split→ (b, t, bands, dim)
         ─depth × [BiMamba2 over time, BiMamba2 over bands]→ RMSNorm
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import AudioConfig, ModelConfig
 from .mamba2 import BidirectionalMamba2
 
 
@@ -70,31 +71,31 @@ class DualPathLayer(nn.ModuleList):
 
 
 class BSMamba2(nn.Module):
-    def __init__(self, *, stems: list[str], sample_rate: int = 44100, audio_channels: int = 2, n_fft: int = 2048,
-                 hop_length: int = 441, band_widths: list[int], dim: int = 256, depth: int = 6,
-                 mask_hidden_factor: int = 4, d_state: int = 128, expand: int = 4, headdim: int = 64,
-                 ngroups: int = 1, d_conv: int = 4, scan_chunk_size: int = 128, scan_backend: str = "auto",
-                 gradient_checkpointing: bool = False):
+    """The network for the `model` and `audio` config sections, which hold every hyper-parameter (their
+    defaults are the paper's); impossible values raise the config's error, naming the key."""
+
+    def __init__(self, model: ModelConfig, audio: AudioConfig):
         super().__init__()
-        self.stems = list(stems)
-        self.sample_rate = sample_rate
-        self.audio_channels = audio_channels
-        self.n_fft = n_fft
-        self.hop_length = hop_length
-        self.gradient_checkpointing = gradient_checkpointing
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        model.validate(audio)
+        self.stems = list(model.stems)
+        self.sample_rate = audio.sample_rate
+        self.audio_channels = audio.channels
+        self.n_fft = audio.n_fft
+        self.hop_length = audio.hop_length
+        self.gradient_checkpointing = model.gradient_checkpointing
+        self.register_buffer("window", torch.hann_window(audio.n_fft), persistent=False)
 
         # a band's values: its bins × stereo channels × (real, imaginary), channel fastest ("b (f c) t")
-        band_sizes = [2 * audio_channels * width for width in band_widths]
-        mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
-                     chunk_size=scan_chunk_size, scan_backend=scan_backend)
-        self.band_split = BandSplit(dim, band_sizes)
+        band_sizes = [2 * audio.channels * width for width in model.band_widths]
+        mixer = dict(d_state=model.d_state, d_conv=model.d_conv, expand=model.expand, headdim=model.headdim,
+                     ngroups=model.ngroups, chunk_size=model.scan_chunk_size, scan_backend=model.scan_backend)
+        self.band_split = BandSplit(model.dim, band_sizes)
         self.layers = nn.ModuleList(
-            DualPathLayer([BidirectionalMamba2(dim, **mixer), BidirectionalMamba2(dim, **mixer)])
-            for _ in range(depth))
-        self.final_norm = RMSNorm(dim)
+            DualPathLayer([BidirectionalMamba2(model.dim, **mixer), BidirectionalMamba2(model.dim, **mixer)])
+            for _ in range(model.depth))
+        self.final_norm = RMSNorm(model.dim)
         self.mask_estimators = nn.ModuleList(
-            MaskEstimator(dim, band_sizes, mask_hidden_factor) for _ in self.stems)
+            MaskEstimator(model.dim, band_sizes, model.mask_hidden_factor) for _ in self.stems)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, channels, samples) → (batch, stems, channels, samples), any number of samples."""

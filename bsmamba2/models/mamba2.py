@@ -68,7 +68,7 @@ class Mamba2(nn.Module):
         if d_inner % headdim != 0 or (d_inner // headdim) % ngroups != 0:
             raise ValueError(f"Mamba2: headdim {headdim} must divide d_inner {d_inner} into a number of heads "
                              f"divisible by ngroups {ngroups}")
-        self.d_model, self.d_state, self.d_conv, self.d_inner = d_model, d_state, d_conv, d_inner
+        self.d_state, self.d_inner = d_state, d_inner
         self.headdim, self.ngroups, self.nheads = headdim, ngroups, d_inner // headdim
         self.chunk_size = chunk_size
         self.scan_backend = scan_backend
@@ -83,8 +83,6 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        for parameter in (self.dt_bias, self.A_log, self.D):
-            parameter._no_weight_decay = True     # mamba_ssm's convention for optimizers that honour it
 
         self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from bsmamba2 import build_model, load_model
 from bsmamba2.checkpoint import atomic_save, save_model
-from bsmamba2.config import Config, load_config
+from bsmamba2.config import AudioConfig, Config, ModelConfig, load_config
 from bsmamba2.errors import BSMamba2Error
+from bsmamba2.models.bs_mamba2 import BSMamba2
 
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_KEYS = REPO.parent / "shared" / "reference" / "official_vocals_keys.json"
@@ -30,6 +31,15 @@ def randomized(model):
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     return model
+
+
+def test_the_network_checks_its_band_widths():
+    with pytest.raises(ValueError, match=r"model.band_widths: must be positive and sum to n_fft/2\+1 = 17 "
+                                         r"\(they sum to 16\)"):
+        BSMamba2(ModelConfig(band_widths=[4, 4, 8]), AudioConfig(n_fft=32, hop_length=8))
+    model = BSMamba2(ModelConfig(band_widths=[4, 4, 9], dim=16, depth=1, d_state=8, expand=2, headdim=8),
+                     AudioConfig(n_fft=32, hop_length=8))
+    assert [len(band[0].gamma) for band in model.band_split.to_features] == [16, 16, 36]
 
 
 def test_paper_config_parameter_count_and_names():
