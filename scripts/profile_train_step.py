@@ -3,12 +3,11 @@
 
     python scripts/profile_train_step.py --config configs/small.yaml --steps 5
 
-Builds the same trainer as `train.py` (in a temporary run directory) and times the phases of plain steps
-(no gradient accumulation, no validation), after `--warmup` untimed steps. Wall-clock and process CPU seconds
-are both shown: on a machine shared with other jobs the wall clock stretches, CPU seconds much less.
+Builds the trainer `bsmamba2 train` builds (in a temporary run directory) and times the phases of its own
+training step (`Trainer.train_step`, without gradient accumulation or validation), after `--warmup` untimed steps.
+Wall-clock and process CPU seconds are both shown: on a machine shared with other jobs the wall clock stretches, CPU seconds much less.
 """
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -20,9 +19,7 @@ import torch  # noqa: E402
 
 from bsmamba2.config import load_config  # noqa: E402
 from bsmamba2.ops.malloc import keep_freed_memory  # noqa: E402
-from bsmamba2.training.loop import Trainer  # noqa: E402
-
-PHASES = ("data", "forward", "loss", "backward", "optimizer+ema")
+from bsmamba2.training.loop import STEP_PHASES as PHASES, Trainer  # noqa: E402
 
 
 def main() -> int:
@@ -58,30 +55,24 @@ def main() -> int:
 
 
 def time_step(trainer: Trainer, stream) -> dict:
-    times = {}
-    started = time.perf_counter(), time.process_time()
+    """One `Trainer.train_step`, its phases timed: {phase: (wall seconds, CPU seconds)}."""
+    times = dict.fromkeys(PHASES, (0.0, 0.0))
+    started = _now(trainer.device)
 
     def lap(phase: str) -> None:
         nonlocal started
-        now = time.perf_counter(), time.process_time()
-        times[phase] = (now[0] - started[0], now[1] - started[1])
+        now = _now(trainer.device)
+        times[phase] = (times[phase][0] + now[0] - started[0], times[phase][1] + now[1] - started[1])
         started = now
 
-    trainer.optimizer.zero_grad(set_to_none=True)
-    mixture, targets = next(stream)
-    lap("data")
-    estimate = trainer.model(mixture)
-    lap("forward")
-    loss = trainer.loss(estimate, targets)
-    lap("loss")
-    loss.backward()
-    lap("backward")
-    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.training.grad_clip or math.inf)
-    trainer.optimizer.step()
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.step)
-    lap("optimizer+ema")
+    trainer.train_step(stream, lap=lap)
     return times
+
+
+def _now(device: torch.device) -> tuple:
+    if device.type == "cuda":  # kernels run asynchronously: a phase ends when its kernels have
+        torch.cuda.synchronize(device)
+    return time.perf_counter(), time.process_time()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The training loop (SPEC §4): AdamW, gradient accumulation and clipping, EMA, validation by uSDR, atomic
-resumable checkpoints, one process or many (DistributedDataParallel under torchrun).
+"""The training loop (the paper's recipe): AdamW, gradient accumulation and clipping, EMA, validation by uSDR,
+atomic resumable checkpoints, one process or many (DistributedDataParallel under torchrun).
 
 One step = `grad_accum_steps` micro-batches of `batch_size` examples on every process → clip → AdamW → EMA.
 Everything a step depends on is in the checkpoint (weights, EMA, optimizer, schedule, RNG states, and how many
@@ -15,8 +15,9 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -78,6 +79,24 @@ def prepare_run(config_path: Optional[str], overrides: list[str], run_dir: Path,
     return config, checkpoint
 
 
+# What `Trainer.train_step` reports to its `lap` callback as each phase ends (the first four per micro-batch).
+STEP_PHASES = ("data", "forward", "loss", "backward", "optimizer+ema")
+
+
+def _no_lap(phase: str) -> None:
+    pass
+
+
+@dataclass
+class StepResult:
+    lr: float
+    loss: float              # mean over the micro-batches and the ranks
+    grad_norm: float         # before clipping
+    updated: bool            # False: the step was skipped (non-finite loss or gradients)
+    data_seconds: float      # this rank's wait for data
+    stop_requested: bool     # some rank received SIGINT/SIGTERM
+
+
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, checkpoint: Optional[dict] = None, quiet: bool = False,
                  init_from: Optional[str] = None):
@@ -105,6 +124,7 @@ class Trainer:
         self.loss = MultiResolutionLoss(training.loss).to(self.device)
         self.code_version = code_version()
 
+        self.examples_per_step = training.batch_size * training.grad_accum_steps * self.dist.world_size
         self.step = 0
         self.samples_seen = 0  # examples drawn by all ranks: the position in the data stream
         self.best_score = -math.inf
@@ -122,12 +142,11 @@ class Trainer:
         """Train to `max_steps`; 0 when done, 128 + signal number when stopped (after saving) by SIGINT/SIGTERM."""
         training = self.config.training
         main = self.dist.is_main
-        examples_per_step = training.batch_size * training.grad_accum_steps * self.dist.world_size
-        audio_seconds_per_step = examples_per_step * self.config.data.segment_seconds
+        audio_seconds_per_step = self.examples_per_step * self.config.data.segment_seconds
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.config, self.run_dir)
-            self._announce(examples_per_step)
+            self._announce()
         metrics = MetricsLog(self.run_dir, self.step) if main else None
         batches = self.data_stream()
         stop = StopSignals()
@@ -136,31 +155,21 @@ class Trainer:
         window = LogWindow()
         try:
             while self.step < training.max_steps:
-                lr = self.schedule.set_step(self.step)
-                loss_sum, grad_norm, data_seconds = self._accumulate_gradients(batches)
-                # one collective per step: the loss summed over ranks and whether any rank was asked to stop
-                loss_total, stop_votes = self.dist.sum(
-                    torch.stack([loss_sum.float(), torch.tensor(float(stop.received is not None),
-                                                                device=loss_sum.device)])).tolist()
-                loss = loss_total / self.dist.world_size
-                grad_norm = float(grad_norm)
-                updated = self._update(loss, grad_norm)
-                self.step += 1
-                self.samples_seen += examples_per_step
-                self.nonfinite_in_a_row = 0 if updated else self.nonfinite_in_a_row + 1
-                self.nonfinite_total += not updated
-                window.add(loss if updated else None, data_seconds)
+                result = self.train_step(batches, stop_requested=stop.received is not None)
+                window.add(result.loss if result.updated else None, result.data_seconds)
 
                 if self.step % training.log_every == 0 or self.step == training.max_steps:
-                    record = window.record(self.step, lr, grad_norm, audio_seconds_per_step, self.nonfinite_total)
-                    progress.set_postfix(loss=_short(record["loss"]), lr=f"{lr:.2e}", refresh=False)
+                    record = window.record(self.step, result.lr, result.grad_norm, audio_seconds_per_step,
+                                           self.nonfinite_total)
+                    progress.set_postfix(loss=_short(record["loss"]), lr=f"{result.lr:.2e}", refresh=False)
                     if metrics is not None:
                         metrics.write(record)
                 progress.update(1)
-                if not updated:
-                    self._stop_if_too_many_nonfinite(loss, grad_norm)
+                if not result.updated:
+                    self._stop_if_too_many_nonfinite(result.loss, result.grad_norm)
                 if self.step % training.validate_every == 0 or self.step == training.max_steps:
                     self._validate_and_keep_best(metrics, progress)
+                stop_votes = result.stop_requested
                 if stop_votes or self.step % training.checkpoint_every == 0 or self.step == training.max_steps:
                     self._save_checkpoint()
                 if stop_votes:
@@ -181,7 +190,29 @@ class Trainer:
             log.info("finished %d steps: %s%s", self.step, self.run_dir / LAST, best)
         return 0
 
-    def _accumulate_gradients(self, batches) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def train_step(self, batches, stop_requested: bool = False, lap: Callable[[str], None] = _no_lap) -> StepResult:
+        """One optimizer step on the next micro-batches of `batches` (a `data_stream()`), advancing the step count.
+
+        `lap(phase)` is called as each of STEP_PHASES ends ("optimizer+ema": clipping, the collective, AdamW and
+        EMA), so a profiler times the phases of this very step (scripts/profile_train_step.py); `stop_requested`
+        is this rank's vote to stop after the step.
+        """
+        lr = self.schedule.set_step(self.step)
+        loss_sum, grad_norm, data_seconds = self._accumulate_gradients(batches, lap)
+        # one collective per step: the loss summed over ranks and whether any rank was asked to stop
+        loss_total, stop_votes = self.dist.sum(
+            torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=loss_sum.device)])).tolist()
+        loss = loss_total / self.dist.world_size
+        grad_norm = float(grad_norm)
+        updated = self._update(loss, grad_norm)
+        lap("optimizer+ema")
+        self.step += 1
+        self.samples_seen += self.examples_per_step
+        self.nonfinite_in_a_row = 0 if updated else self.nonfinite_in_a_row + 1
+        self.nonfinite_total += not updated
+        return StepResult(lr, loss, grad_norm, updated, data_seconds, bool(stop_votes))
+
+    def _accumulate_gradients(self, batches, lap: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward and backward over the step's micro-batches: (mean loss on this rank, gradient norm, seconds
         spent waiting for data). DDP synchronises gradients only after the last micro-batch."""
         training = self.config.training
@@ -194,12 +225,16 @@ class Trainer:
             mixture = mixture.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             data_seconds += time.perf_counter() - started
+            lap("data")
             defer_sync = self.dist.world_size > 1 and micro_batch < training.grad_accum_steps - 1
             with self.network.no_sync() if defer_sync else contextlib.nullcontext():
                 with self._autocast():
                     estimate = self.network(mixture)
+                lap("forward")
                 loss = self.loss(estimate, targets) / training.grad_accum_steps
+                lap("loss")
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                lap("backward")
             loss_sum += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -340,13 +375,13 @@ class Trainer:
             log.warning("the checkpoint was written by %d processes, this run has %d: random generators are "
                         "reseeded, so the continuation is not bit-exact", len(rng), self.dist.world_size)
 
-    def _announce(self, examples_per_step: int) -> None:
+    def _announce(self) -> None:
         parameters = sum(p.numel() for p in self.model.parameters())
         action = f"resuming at step {self.step}" if self.step else "starting"
         log.info("%s %s: %.2f M parameters, %d training / %d validation tracks, %d process(es) on %s, "
                  "%d examples of %.1f s per step, precision %s",
                  action, self.run_dir, parameters / 1e6, len(self.train_set.tracks), len(self.valid_set),
-                 self.dist.world_size, self.device, examples_per_step, self.config.data.segment_seconds,
+                 self.dist.world_size, self.device, self.examples_per_step, self.config.data.segment_seconds,
                  str(self.autocast_dtype or torch.float32).replace("torch.", ""))
 
 

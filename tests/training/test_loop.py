@@ -20,7 +20,7 @@ from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main as cli_main
 from bsmamba2.data import TrainingSegments, split_tracks
 from bsmamba2.losses import MultiResolutionLoss
-from bsmamba2.training.loop import Trainer, seed_everything
+from bsmamba2.training.loop import STEP_PHASES, Trainer, seed_everything
 
 from training_fixtures import tiny_config, tiny_config_dict
 
@@ -244,3 +244,19 @@ def test_two_process_ddp_and_accumulation_match_one_bigger_batch(data_root, tmp_
     assert len(lines) == 3  # rank 0 alone logs: steps 1, 2 and one validation over both ranks' tracks
     assert records(ddp, "usdr")[2]["usdr"]["vocals"] == pytest.approx(records(one, "usdr")[2]["usdr"]["vocals"],
                                                                       abs=1e-3)
+
+
+def test_train_step_reports_its_phases_and_is_the_step_run_takes(data_root, tmp_path):
+    config = tiny_config(data_root, training={"max_steps": 2, "grad_accum_steps": 2})
+    trainer = Trainer(config, tmp_path / "unused", quiet=True)
+    stream, phases = trainer.data_stream(), []
+    for _ in range(2):
+        result = trainer.train_step(stream, lap=phases.append)
+        assert result.updated and not result.stop_requested and np.isfinite(result.loss)
+    micro_batch = list(STEP_PHASES[:-1])
+    assert phases == (micro_batch * 2 + [STEP_PHASES[-1]]) * 2
+    assert (trainer.step, trainer.samples_seen) == (2, 2 * 2 * 2)
+    run = Trainer(config, tmp_path / "run", quiet=True)
+    assert run.run() == 0
+    assert_same_weights(trainer.model.state_dict(), run.model.state_dict())
+    assert_same_weights(trainer.ema.state_dict(), run.ema.state_dict())

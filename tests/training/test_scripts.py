@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import bsmamba2
 from bsmamba2.checkpoint import build_model, save_model
@@ -14,7 +15,7 @@ from bsmamba2.metrics import usdr
 from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.training.loop import Trainer
 
-from training_fixtures import tiny_config
+from training_fixtures import tiny_config, tiny_config_dict
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -110,3 +111,16 @@ def test_unreadable_checkpoint_is_one_line_error_and_writes_nothing(script, tmp_
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: checkpoint {source}")
         assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_profile_train_step_times_each_phase_of_the_trainers_step(data_root, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(data_root)))
+    result = run_script("profile_train_step.py", "--config", config, "--steps", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    phases = ("data", "forward", "loss", "backward", "optimizer+ema")
+    assert list(rows) == [*phases, "step"]
+    wall = {name: float(values[0]) for name, values in rows.items()}
+    assert all(wall[phase] >= 0 for phase in phases) and wall["forward"] > 0 and wall["backward"] > 0
+    assert wall["step"] == pytest.approx(sum(wall[phase] for phase in phases), abs=0.005)
