@@ -1,6 +1,6 @@
 """Training and validation data from MUSDB18-HQ-style folders or the `.stem.mp4` MUSDB18 release.
 
-Training examples follow the paper (SPEC §4): every source stem comes from its own random track and random
+Training examples follow the paper ("Mamba2 Meets Silence"): every source stem comes from its own random track and random
 position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is the
 sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional: segments
 whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped, each stem given a

@@ -6,8 +6,8 @@ decay between steps, applied to u = dt·x — as batched matmuls instead of Q se
 folded into one matmul for the state and state-to-output products.
 
 Decays are powers of 2 of differences of cumulative sums of dt·A·log2(e) ≤ 0, masked before exponentiating, so no
-large positive exponent is ever taken. (exp2, not exp: torch's CPU exp goes through MKL VML, which slows down up to
-40× on the large negative arguments — underflow, denormals — that long fast-decaying chunks produce.)
+large positive exponent is ever taken. (exp2, not exp: torch's CPU exp goes through MKL VML, which slows down
+sharply on the large negative arguments — underflow, denormals — that long fast-decaying chunks produce.)
 
 Forward and backward are written by hand (`ChunkedScan`): the forward saves only its inputs, the cumulative decays
 and the chunk-boundary states, and reuses buffers in place; the backward recomputes the (Q × Q) decay matrices.
@@ -58,7 +58,7 @@ class ChunkedScan(torch.autograd.Function):
     """y = SSD scan of chunked inputs (+ D·x); optionally the final state. See the module docstring for shapes.
 
     Autocast is switched off inside: the scan computes in the inputs' float32 (or float64) — bf16 matmuls would
-    lose the states' precision, and on CPUs without bf16 units they are 100× slower.
+    lose the states' precision, and on CPUs without bf16 units they are far slower.
     """
 
     @staticmethod
@@ -174,7 +174,7 @@ class ChunkedScan(torch.autograd.Function):
 
 def _decay_matrix(cs: torch.Tensor) -> torch.Tensor:
     """(b, c, h, Q, Q): 2^(cs_t − cs_s) for s ≤ t, 0 above the diagonal. The differences above the diagonal
-    (positive) are zeroed before exponentiating, and the results there zeroed after (tril_ is ~8× faster than a
+    (positive) are zeroed before exponentiating, and the results there zeroed after (tril_ is much faster than a
     broadcast masked_fill on CPU)."""
     cs = cs.transpose(2, 3).contiguous()
     return (cs.unsqueeze(-1) - cs.unsqueeze(-2)).tril_().exp2_().tril_()

@@ -1,8 +1,8 @@
 """The `torch+compile` backend: the chunked SSD scan under torch.compile, opt-in.
 
-Compiling fuses the scan's elementwise passes (masks, decays, scaling) into a few loops, but costs tens of seconds
-per new input shape on a CPU (one compilation per shape: static shapes compile twice as fast as dynamic ones here,
-and a model sees few shapes), so it only pays for long runs (training, many files). Where compilation fails
+Compiling fuses the scan's elementwise passes (masks, decays, scaling) into a few loops, but each new input shape
+costs a compilation, slow on a CPU (static shapes: they compile faster than dynamic ones, and a model sees few
+shapes), so it only pays for long runs (training, many files); docs/ hold the timings. Where compilation fails
 (no C++ compiler, an unsupported platform or torch build), the eager `torch` backend takes over — logged once.
 A failure while compiling the backward pass (at the first `backward()`) is raised there, not caught.
 """

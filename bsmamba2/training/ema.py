@@ -1,4 +1,5 @@
-"""Exponential moving average of a model's weights (SPEC §4: decay 0.999), used for validation and saved."""
+"""Exponential moving average of a model's weights (the paper trains with decay 0.999), used for validation and
+saved."""
 from __future__ import annotations
 
 import copy
