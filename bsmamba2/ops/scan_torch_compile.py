@@ -2,7 +2,7 @@
 
 Compiling fuses the scan's elementwise passes (masks, decays, scaling) into a few loops, but each new input shape
 costs a compilation, slow on a CPU (static shapes: they compile faster than dynamic ones, and a model sees few
-shapes), so it only pays for long runs (training, many files); docs/ hold the timings. Where compilation fails
+shapes), so it only pays for long runs (training, many files). Where compilation fails
 (no C++ compiler, an unsupported platform or torch build), the eager `torch` backend takes over — logged once.
 A failure while compiling the backward pass (at the first `backward()`) is raised there, not caught.
 """
