@@ -53,15 +53,16 @@ class RMSNormGated(nn.Module):
 
 
 class Mamba2(nn.Module):
-    """Mamba2 mixer (mamba_ssm's `Mamba2` with its defaults except those given here): (batch, L, d_model) → same.
+    """Mamba2 mixer, mamba_ssm's `Mamba2` with its defaults (BSMamba2 passes its own values from the config):
+    (batch, L, d_model) → same.
 
     in_proj gives z (d_inner), xBC (d_inner + 2·ngroups·d_state) and dt (nheads); xBC goes through a causal
     depthwise conv and silu and splits into x, B, C; the SSM scan runs per head; the output is gated by z inside
     the norm and projected back.
     """
 
-    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 4, headdim: int = 64,
-                 ngroups: int = 1, chunk_size: int = 128, scan_backend: str = "auto",
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 256, scan_backend: str = "auto",
                  A_init_range=(1.0, 16.0), dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
         d_inner = expand * d_model

@@ -14,7 +14,7 @@ TINY = dict(d_state=8, expand=2, headdim=8, ngroups=2, chunk_size=4)
 
 
 def test_paper_mixer_shapes():
-    mixer = Mamba2(256)                                      # d_state 128, expand 4, headdim 64
+    mixer = Mamba2(256, expand=4)                            # mamba_ssm's defaults (d_state 128, headdim 64) but expand
     assert mixer.nheads == 16
     assert mixer.in_proj.weight.shape == (2320, 256) and mixer.in_proj.bias is None
     assert mixer.conv1d.weight.shape == (1280, 1, 4) and mixer.conv1d.bias.shape == (1280,)
@@ -32,7 +32,7 @@ def test_block_names_and_shapes_match_the_published_checkpoint():
 
 def test_initialisation_follows_mamba_ssm():
     torch.manual_seed(0)
-    mixer = Mamba2(256)
+    mixer = Mamba2(256, expand=4)
     A = torch.exp(mixer.A_log)
     assert ((A >= 1) & (A <= 16)).all() and A.std() > 1                       # U(1, 16)
     dt = F.softplus(mixer.dt_bias)
