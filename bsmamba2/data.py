@@ -1,10 +1,10 @@
 """Training and validation data from MUSDB18-HQ-style folders or the `.stem.mp4` MUSDB18 release.
 
-Training examples follow the paper ("Mamba2 Meets Silence"): every source stem comes from its own random track and random
-position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is the
-sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional: segments
-whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped, each stem given a
-random EQ (`eq_db`).
+Training examples follow the paper ("Mamba2 Meets Silence"): every source stem comes from its own random track and
+random position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is
+the sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional:
+segments whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped, each stem
+given a random EQ (`eq_db`).
 
 Example `index` is a pure function of `(seed, index)`: whichever worker or rank draws it, it is the same, so
 worker seeding, multi-process splits and exact resumption all reduce to "which indices come next"
@@ -98,8 +98,9 @@ def split_tracks(config: Config) -> tuple[list, list]:
     rate = config.audio.sample_rate
     train = open_tracks(data.root, data.train_subset, stems, rate)
     pool = train if data.valid_subset == data.train_subset else open_tracks(data.root, data.valid_subset, stems, rate)
-    valid = pick_tracks(pool, data.valid_tracks, f"data.valid_tracks: {Path(data.root) / data.valid_subset}") \
-        if data.valid_tracks else pool
+    valid = pool
+    if data.valid_tracks:
+        valid = pick_tracks(pool, data.valid_tracks, f"data.valid_tracks: {Path(data.root) / data.valid_subset}")
     if pool is train:
         held_out = {track.name for track in valid}
         train = [track for track in train if track.name not in held_out]

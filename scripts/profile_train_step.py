@@ -5,7 +5,8 @@
 
 Builds the trainer `bsmamba2 train` builds (in a temporary run directory) and times the phases of its own
 training step (`Trainer.train_step`, without gradient accumulation or validation), after `--warmup` untimed steps.
-Wall-clock and process CPU seconds are both shown: on a machine shared with other jobs the wall clock stretches, CPU seconds much less.
+Wall-clock and process CPU seconds are both shown: on a machine shared with other jobs the wall clock stretches,
+CPU seconds much less.
 """
 import argparse
 import os

@@ -164,8 +164,8 @@ def test_validation_split_by_track_names(data_root):
     train, valid = split_tracks(config)
     assert [t.name for t in valid] == ["track2"] and "track2" not in [t.name for t in train]
     musdb_default = tiny_config(data_root, data={"valid_subset": "train", "valid_tracks": MUSDB18_VALID_TRACKS})
-    with pytest.raises(BSMamba2Error,
-                       match=r"data.valid_tracks: .*train: no track named 'Actions - One Minute Smile' \(nor 13 more\)"):
+    missing = r"data.valid_tracks: .*train: no track named 'Actions - One Minute Smile' \(nor 13 more\)"
+    with pytest.raises(BSMamba2Error, match=missing):
         split_tracks(musdb_default)
 
 
