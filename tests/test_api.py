@@ -111,6 +111,7 @@ def test_option_errors_are_one_clear_line(checkpoint):
              ({"chunk_seconds": 0.0}, "chunk seconds 0.0: must be positive"),
              ({"batch_size": 0}, "batch size 0: must be positive"),
              ({"jobs": 0}, "jobs 0: must be at least 1"),
+             ({"model": "any-name"}, "either a checkpoint or a model"),
              ({"filename": "{track}.{ext}"}, "needs {stem}"),
              ({"file_format": "flac", "bit_depth": "32f"}, "FLAC stores integers only")]
     for options, message in cases:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import bsmamba2
-from bsmamba2.cli import COMMANDS
+from bsmamba2.cli import COMMANDS, main
 
 
 @pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)])
@@ -54,3 +54,10 @@ def test_no_module_imports_the_cli():
             else:
                 continue
             assert "bsmamba2.cli" not in names, f"{module} imports bsmamba2.cli"
+
+
+@pytest.mark.parametrize("command", ["separate", "evaluate"])
+def test_model_and_checkpoint_exclude_each_other(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--model", "a", "--checkpoint", "b.ckpt"])
+    assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
