@@ -42,7 +42,7 @@ def prepare_openmp() -> None:
 
 def setup_process(keep_freed_memory: bool = True, threads: Optional[int] = None) -> dict:
     """What a command decides for its whole process: glibc keeps freed memory for reuse (see
-    `keep_freed_memory`), torch uses `threads` threads (default: torch's choice). The first call decides and logs
+    `_keep_freed_memory`), torch uses `threads` threads (default: torch's choice). The first call decides and logs
     it; later calls change nothing. Returns what was applied."""
     global _process_setup
     if _process_setup is None:
