@@ -10,6 +10,7 @@ The command line (`bsmamba2 separate`) is a loop over `separate_file`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -27,7 +28,9 @@ from .apply import apply_model
 from .audio import BLOCK_FRAMES, AudioReader, AudioWriter, check_output_format, finite, resample_blocks
 from .checkpoint import load_model
 from .errors import BSMamba2Error
+from .files import refuse_overwrite
 from .pretrained import default_checkpoint
+from .runtime import resolve_device
 
 log = logging.getLogger("bsmamba2")
 
@@ -38,7 +41,8 @@ class Separator:
     """A loaded model plus how to apply it and how to write its stems.
 
     checkpoint: our checkpoint or a published BSMamba2 one; None = the bundled pretrained model.
-    device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
+    device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
+    model: instead of a checkpoint, a model from the registry by name (downloaded on first use).
     config: a Config or YAML path that overrides the checkpoint's own config.
     stems: write only these model stems. two_stems: write this stem and `no_<stem>` = mixture − stem (the
     default for a model with one stem).
@@ -49,7 +53,8 @@ class Separator:
     inference), progress (a tqdm bar per file).
     """
 
-    def __init__(self, checkpoint: Union[str, Path, None] = None, device: str = "auto", *, config=None,
+    def __init__(self, checkpoint: Union[str, Path, None] = None, device: Union[str, torch.device] = "auto", *,
+                 model: Optional[str] = None, config=None,
                  stems: Optional[list[str]] = None, two_stems: Optional[str] = None,
                  chunk_seconds: Optional[float] = None, overlap: Optional[float] = None,
                  batch_size: Optional[int] = None, tta: bool = False, file_format: str = "wav",
@@ -57,17 +62,25 @@ class Separator:
                  jobs: int = 1, progress: bool = False):
         check_output_format(file_format, bit_depth)
         check_filename_template(filename)
+        _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
+        _check(model is None or checkpoint is None, "choose either a checkpoint or a model, not both")
         self.device = resolve_device(device)
+        if model is not None:
+            from .hub import checkpoint_file
+
+            checkpoint, registry_config = checkpoint_file(model, progress=progress)
+            config = config if config is not None else registry_config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         self.model = load_model(self.checkpoint, config, self.device)
-        inference = self.model.config.inference
-        self.chunk_seconds = inference.chunk_seconds if chunk_seconds is None else chunk_seconds
-        self.overlap = inference.overlap if overlap is None else overlap
-        self.batch_size = inference.batch_size if batch_size is None else batch_size
-        _check(self.chunk_seconds > 0, f"chunk length {self.chunk_seconds}: must be positive")
-        _check(0 <= self.overlap < 1, f"overlap {self.overlap}: must be in [0, 1)")
-        _check(self.batch_size >= 1, f"batch size {self.batch_size}: must be at least 1")
-        _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
+        chosen = {"chunk_seconds": chunk_seconds, "overlap": overlap, "batch_size": batch_size}
+        self.inference = dataclasses.replace(self.model.config.inference,
+                                             **{key: value for key, value in chosen.items() if value is not None})
+        try:
+            self.inference.validate()
+        except ValueError as error:  # "inference.overlap: must be …" in the words of the option and its value
+            key, _, problem = str(error).partition(": ")
+            option = key.rpartition(".")[2]
+            raise BSMamba2Error(f"{option.replace('_', ' ')} {getattr(self.inference, option)}: {problem}") from None
         self.tta, self.file_format, self.bit_depth = tta, file_format, bit_depth
         self.filename, self.force, self.jobs, self.progress = filename, force, jobs, progress
 
@@ -153,8 +166,8 @@ class Separator:
         """(channels, n) blocks at `sample_rate` → (outputs, channels, n) blocks of the same total length."""
         source = Tap(blocks, keep=self.two_stems is not None)
         estimates = apply_model(self.model, resample_blocks(source, sample_rate, self.model.sample_rate),
-                                chunk_seconds=self.chunk_seconds, overlap=self.overlap,
-                                batch_size=self.batch_size, tta=self.tta, device=self.device)
+                                chunk_seconds=self.inference.chunk_seconds, overlap=self.inference.overlap,
+                                batch_size=self.inference.batch_size, tta=self.tta, device=self.device)
         selected = (estimate[self._stem_index] for estimate in estimates)
         for block in exact_length(resample_blocks(selected, self.model.sample_rate, sample_rate), source):
             if self.two_stems:
@@ -211,8 +224,7 @@ class StemWriters:
     def __init__(self, paths: dict[str, Path], sample_rate: int, channels: int, file_format: str, bit_depth: str,
                  force: bool, threads: int = 0):
         for path in paths.values():
-            if path.exists() and not force:
-                raise BSMamba2Error(f"{path} already exists (use --force to overwrite)")
+            refuse_overwrite(path, force)
         self.pools, self.pending, self.writers = [], deque(), {}
         try:
             for name, path in paths.items():
@@ -284,29 +296,6 @@ def prefetched(blocks: Iterable[np.ndarray], depth: int = 4) -> Iterator[np.ndar
     finally:
         stop.set()
         thread.join()
-
-
-def resolve_device(name: str) -> torch.device:
-    """A torch device from "auto" (CUDA, else MPS, else CPU) or a name; a named device that is not there is an
-    error, never a silent fallback."""
-    mps = getattr(torch.backends, "mps", None)
-    mps_available = mps is not None and mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BSMamba2Error(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BSMamba2Error(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BSMamba2Error(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type == "mps" and not mps_available:
-        raise BSMamba2Error(f"--device {name}: MPS is not available here")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise BSMamba2Error(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 def check_filename_template(template: str) -> None:

@@ -17,6 +17,7 @@ import soundfile as sf
 import soxr
 
 from .errors import BSMamba2Error
+from .files import temporary_path
 
 log = logging.getLogger("bsmamba2")
 
@@ -162,7 +163,7 @@ class AudioWriter:
                  bit_depth: str = "24"):
         check_output_format(file_format, bit_depth)
         self.path = Path(path)
-        self.temporary = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self.temporary = temporary_path(self.path)
         self.clip = bit_depth != "32f"
         self.clipped = 0
         self.peak = 0.0

@@ -14,7 +14,10 @@ Reported: the median and min..max of the times, the peak memory above the inputs
 RSS on CPU), and the largest absolute difference from the `reference` loop on the first sequences (outputs, and
 for forward+backward the gradients of x, dt, B, C), computed after timing. Other processes on the same cores slow
 loops of small operations (the reference) much more than large matmuls, so the load average is printed too.
+torch is imported inside the functions that use it, so that `bsmamba2 benchmark --help` stays quick.
 """
+from __future__ import annotations
+
 import argparse
 import importlib.util
 import json
@@ -27,14 +30,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from tqdm import tqdm
 
 from .config import SCAN_BACKENDS as BACKENDS
 from .errors import BSMamba2Error
-from .files import atomic_write, write_text_atomic
+from .files import atomic_write, refuse_overwrite, write_text_atomic
+from .runtime import DEVICE_NAMES, resolve_device, setup_process
+
+if TYPE_CHECKING:
+    import torch
 
 NHEADS, HEADDIM, DSTATE = 16, 64, 128          # the paper mixer: d_model 256, expand 4, headdim 64, d_state 128
 PASSES = ("fwd", "fwdbwd")
@@ -64,7 +70,7 @@ def scan_shapes(quick: bool) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, no torch.compile: under a minute")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), metavar="NAME",
                         help=f"scan backends to compare (default: all: {', '.join(BACKENDS)})")
     parser.add_argument("--chunk-size", type=int, default=128,
@@ -82,14 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which scan shapes: the 8×512 mixer shape, the time path, the band path (default: all)")
     parser.add_argument("--threads", type=int, help="torch threads in each measurement (default: torch's choice)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="measure with bsmamba2.ops.malloc.keep_freed_memory() (glibc keeps freed memory: "
-                             "faster, higher peak memory); default: malloc as it is")
+                        help="measure with glibc keeping freed memory, as the other commands run "
+                             "(bsmamba2.runtime.setup_process: faster, higher peak memory); default: malloc as is")
     parser.add_argument("--force", action="store_true", help="overwrite existing --json/--plot files")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the table is printed)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import resolve_device
     from .config import load_config
     from .ops.backends import unavailable_reason
 
@@ -147,17 +152,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """`python benchmark_mamba_ssm.py [options]`, the same as `bsmamba2 benchmark [options]`."""
-    from .cli import main as cli_main
-    return cli_main(["benchmark", *(sys.argv[1:] if argv is None else argv)])
-
-
 def _check_outputs(args) -> None:
     """Fail before minutes of measuring, not after: existing outputs, missing matplotlib."""
-    for path in (args.json, args.plot):
-        if path and Path(path).exists() and not args.force:
-            raise BSMamba2Error(f"{path} exists; pass --force to overwrite")
+    for path in filter(None, (args.json, args.plot)):
+        refuse_overwrite(path, args.force)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise BSMamba2Error("--plot needs matplotlib: pip install matplotlib (or bsmamba2[plot])")
 
@@ -176,17 +174,17 @@ def _in_subprocess(job: dict) -> dict:
 
 
 def _worker(job: dict) -> dict:
-    if job["keep_freed_memory"]:
-        from .ops.malloc import keep_freed_memory
-        keep_freed_memory()
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
+    import torch
+
+    setup_process(keep_freed_memory=job["keep_freed_memory"], threads=job["threads"])
     device = torch.device(job["device"])
     measure = _measure_model if job["section"] == "model" else _measure_scan
     return measure(job, device)
 
 
 def _measure_scan(job: dict, device: torch.device) -> dict:
+    import torch
+
     from .ops import mamba_chunk_scan_combined
 
     backward = job["pass"] == "fwdbwd"
@@ -212,6 +210,8 @@ def _measure_scan(job: dict, device: torch.device) -> dict:
 
 def _scan_inputs(batch: int, seqlen: int, device: torch.device, requires_grad: bool) -> dict:
     """Mamba2-like inputs: A = −U(1, 16), dt_bias = softplus⁻¹ of log-uniform [1e-3, 0.1], D = 1."""
+    import torch
+
     g = torch.Generator(device).manual_seed(0)
     dt_init = torch.exp(torch.empty(NHEADS, device=device).uniform_(math.log(1e-3), math.log(0.1), generator=g))
     inputs = {
@@ -230,6 +230,8 @@ def _scan_inputs(batch: int, seqlen: int, device: torch.device, requires_grad: b
 
 def _error_vs_reference(inputs: dict, grad_out, job: dict, call) -> dict:
     """Max |difference| from the reference loop on the first sequences: y, and dx, ddt, dB, dC after backward."""
+    import torch
+
     from .ops.scan_reference import scan_reference
 
     k = min(ERROR_SEQUENCES, job["batch"])
@@ -251,6 +253,8 @@ def _error_vs_reference(inputs: dict, grad_out, job: dict, call) -> dict:
 
 
 def _measure_model(job: dict, device: torch.device) -> dict:
+    import torch
+
     from .checkpoint import build_model
     from .config import Config, load_config
     from .ops import resolve_backend
@@ -276,6 +280,8 @@ def _measure_model(job: dict, device: torch.device) -> dict:
 
 def _time(call, job: dict, device: torch.device) -> dict:
     """Warm-up, then timed repetitions; peak memory above what existed before the first call."""
+    import torch
+
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -333,8 +339,10 @@ def _peak_rss() -> int:
 # ---- reporting -------------------------------------------------------------------------------------------------
 
 def _report(records: list, device: torch.device, args) -> str:
+    import torch
+
     threads = args.threads or torch.get_num_threads()
-    malloc = "malloc keeps freed memory (bsmamba2.ops.malloc)" if args.keep_freed_memory else "malloc as is"
+    malloc = "malloc keeps freed memory" if args.keep_freed_memory else "malloc as is"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {threads} threads"
     lines = [f"BSMamba2 scan benchmark — {device.type} ({where}), torch {torch.__version__}, {malloc}, "
@@ -364,7 +372,6 @@ def _report(records: list, device: torch.device, args) -> str:
         lines.append(f"{shape:<22} {r['pass']:<7} {r['backend']:<14} {r['seconds']:>9.3f} "
                      f"{r['min_seconds']:>8.3f}..{r['max_seconds']:<8.3f} {r['first_call_seconds']:>9.2f} "
                      f"{peak:>8} {speedup:>9} {r['max_abs_err']:>12.1e}")
-    lines += _targets(records, reference)
     models = [r for r in records if r["section"] == "model"]
     if models:
         lines += ["", f"{'model config':<22} {'parameters':>11} {'audio s':>8} {'median s':>9} {'s per audio s':>14} "
@@ -377,24 +384,6 @@ def _report(records: list, device: torch.device, args) -> str:
                          f"{r['audio_seconds']:>8.1f} "
                          f"{r['seconds']:>9.2f} {r['seconds_per_audio_second']:>14.2f} {r['peak_mb']:>9.0f}")
     return "\n".join(lines)
-
-
-def _targets(records: list, reference: dict) -> list:
-    """The issue's targets at 8 × 512: torch ≥ 10× the loop (fwd and fwd+bwd), with ≤ 1/4 of its peak memory."""
-    lines = []
-    for r in records:
-        ref = reference.get((r["section"], r["batch"], r["seqlen"], r["pass"]))
-        if (r["section"], r["batch"], r["seqlen"], r["backend"]) != ("mixer", 8, 512, "torch") or "seconds" not in r \
-                or not ref:
-            continue
-        speedup = ref["seconds"] / r["seconds"]
-        text = f"torch vs reference, {r['pass']} at {r['batch']}×{r['seqlen']}: {speedup:.1f}× faster " \
-               f"({'meets' if speedup >= 10 else 'misses'} ≥ 10×)"
-        if r["pass"] == "fwdbwd" and r["peak_mb"] and ref["peak_mb"]:
-            share = r["peak_mb"] / ref["peak_mb"]
-            text += f", peak memory {share:.2f}× the loop's ({'meets' if share <= 0.25 else 'misses'} ≤ 0.25×)"
-        lines.append(text)
-    return [""] + lines if lines else []
 
 
 def _plot(records: list, path: Path) -> None:

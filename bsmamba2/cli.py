@@ -5,15 +5,12 @@ A subcommand module provides `add_arguments(parser)` and `run(args) -> int`.
 import argparse
 import importlib
 import logging
-import os
 import sys
 
-# OpenMP threads sleep rather than spin when idle: on a CPU shared with other jobs, spinning threads slow training
-# steps down many times over. Set OMP_WAIT_POLICY=ACTIVE to spin on a dedicated machine. It must precede
-# `import torch`, which no module imports before this one runs (the package's names load lazily).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from . import runtime
 from .errors import BSMamba2Error
+
+runtime.prepare_openmp()  # before `import torch`, which no module imports before this one runs
 
 COMMANDS = {
     # name: (module, one-line help)

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from .audio import AudioWriter
 from .errors import BSMamba2Error
-from .files import write_text_atomic
+from .files import refuse_overwrite, write_text_atomic
 from .metrics import museval_missing_reason, score_track
-from .ops.malloc import keep_freed_memory
+from .runtime import setup_process
+from .separate import add_model_flags, load_separator
 from .tracks import check_stems, list_tracks, pick_tracks, read_stem
 
 log = logging.getLogger("bsmamba2")
@@ -37,9 +38,6 @@ RESULT_FILES = ("results.json", "results.csv")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="model checkpoint, ours or a published BSMamba2 one "
-                        "(default: the bundled model)")
-    parser.add_argument("--config", help="model config YAML, overriding the one stored in the checkpoint")
     parser.add_argument("--data", required=True, metavar="ROOT",
                         help="MUSDB18-HQ-style folder: ROOT/<subset>/<track>/{mixture,<stem>}.wav|flac")
     parser.add_argument("--subset", default="test", help="subset folder under ROOT (default: test)")
@@ -47,39 +45,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="results", metavar="DIR", help="output folder (default: results)")
     parser.add_argument("--save-estimates", action="store_true",
                         help="keep the separated stems in OUT/estimates/<subset>/<track>/<stem>.wav")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--chunk", type=float, metavar="SECONDS",
-                        help="overlap-add chunk length (default: the config's inference.chunk_seconds)")
-    parser.add_argument("--overlap", type=float, metavar="FRACTION",
-                        help="overlap between chunks (default: the config's inference.overlap)")
-    parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="chunks per forward pass (default: the config's inference.batch_size)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation (channel swap, polarity)")
     parser.add_argument("--no-csdr", action="store_true",
                         help="skip cSDR (museval; slow on long tracks): report uSDR only")
     parser.add_argument("--force", action="store_true", help="overwrite existing results and estimates")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the table is printed)")
+    add_model_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    keep_freed_memory()  # every chunk allocates and frees the same large tensors (README: CPU notes)
+    setup_process()
     tracks = select_tracks(args.data, args.subset, args.tracks)
     out = Path(args.out)
     estimates_dir = out / "estimates" / args.subset
-    existing = [out / name for name in RESULT_FILES if (out / name).exists()]
-    if args.save_estimates and estimates_dir.exists():
-        existing.append(estimates_dir)
-    if existing and not args.force:
-        raise BSMamba2Error(f"{existing[0]} exists; pass --force to overwrite")
+    for path in [out / name for name in RESULT_FILES] + ([estimates_dir] if args.save_estimates else []):
+        refuse_overwrite(path, args.force)
 
     with_csdr = not args.no_csdr
     if with_csdr and (reason := museval_missing_reason()):
         log.warning("cSDR unavailable, reporting uSDR only: %s", reason)
         with_csdr = False
 
-    from .api import Separator  # imports torch: only once a run starts, so `--help` stays quick
-    separator = Separator(args.checkpoint, args.device, config=args.config, chunk_seconds=args.chunk,
-                          overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
+    separator = load_separator(args)
     stems = separator.model.stems  # scored; a one-stem model's complement (no_<stem>) is not
     for track_dir in tracks:  # fail before hours of separation, not in the middle
         check_stems(track_dir, ["mixture", *stems], same_shape=True)

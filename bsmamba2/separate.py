@@ -11,14 +11,18 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .audio import AUDIO_EXTENSIONS, BIT_DEPTHS, OUTPUT_FORMATS
 from .errors import BSMamba2Error
+from .runtime import DEVICE_NAMES, TorchrunEnv, resolve_device, setup_process
+
+if TYPE_CHECKING:
+    from .api import Separator
 
 log = logging.getLogger("bsmamba2")
 
@@ -26,26 +30,12 @@ log = logging.getLogger("bsmamba2")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="IN", help="audio files, folders or glob patterns")
     parser.add_argument("-o", "--out-dir", default="separated", help="output folder (default: %(default)s)")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", help="a BSMamba2 checkpoint, ours or a published one "
-                       "(default: the bundled pretrained model)")
-    model.add_argument("--config", help="YAML config overriding the one stored in the checkpoint")
-    model.add_argument("--device", default="auto", help="auto (default: CUDA, else MPS, else CPU), cpu, cuda, "
-                       "cuda:N or mps; under torchrun each rank takes cuda:LOCAL_RANK")
+    add_model_flags(parser)
 
     stems = parser.add_argument_group("stems").add_mutually_exclusive_group()
     stems.add_argument("--stems", help="write only these stems, comma-separated (e.g. vocals,drums)")
     stems.add_argument("--two-stems", metavar="STEM",
                        help="write STEM and no_STEM = mixture - STEM (e.g. --two-stems vocals → instrumental)")
-
-    chunking = parser.add_argument_group("chunked inference (defaults: the config's inference section)")
-    chunking.add_argument("--chunk", type=float, metavar="SECONDS", help="chunk length in seconds")
-    chunking.add_argument("--overlap", type=float, metavar="FRACTION", help="overlap of neighbouring chunks, [0, 1)")
-    chunking.add_argument("--batch-size", type=int, metavar="N", help="chunks per forward pass")
-    chunking.add_argument("--tta", action="store_true",
-                          help="test-time augmentation: average with polarity-inverted and channel-swapped passes "
-                               "(3x the compute)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--format", default="wav", choices=OUTPUT_FORMATS, help="default: %(default)s")
@@ -65,18 +55,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     running.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-file summaries")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .api import Separator
-    from .ops.malloc import keep_freed_memory
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a model and how to apply it, shared by every command that separates
+    (`load_separator` reads them)."""
+    model = parser.add_argument_group("model")
+    which = model.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="NAME",
+                       help="a model from the registry (`bsmamba2 models` lists them); downloaded on first use")
+    which.add_argument("--checkpoint", help="a BSMamba2 checkpoint, ours or a published one "
+                       "(default: the bundled pretrained model)")
+    model.add_argument("--config", help="YAML config overriding the one stored in the checkpoint")
+    model.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto = CUDA, else MPS, else "
+                       "CPU); under torchrun each rank takes cuda:LOCAL_RANK")
 
-    keep_freed_memory()  # every chunk allocates and frees the same large tensors (README: CPU notes)
+    chunking = parser.add_argument_group("chunked inference (defaults: the config's inference section)")
+    chunking.add_argument("--chunk", type=float, metavar="SECONDS", help="chunk length in seconds")
+    chunking.add_argument("--overlap", type=float, metavar="FRACTION", help="overlap of neighbouring chunks, [0, 1)")
+    chunking.add_argument("--batch-size", type=int, metavar="N", help="chunks per forward pass")
+    chunking.add_argument("--tta", action="store_true",
+                          help="test-time augmentation: average with polarity-inverted and channel-swapped passes "
+                               "(3x the compute)")
+
+
+def load_separator(args: argparse.Namespace, **options) -> "Separator":
+    """The Separator that `add_model_flags`'s options describe, with `options` for the rest (stems, output);
+    under torchrun on a CUDA machine it runs on this rank's own GPU."""
+    from .api import Separator  # imports torch: only once a run starts, so `--help` stays quick
+
+    env = TorchrunEnv.from_environ()
+    device = resolve_device(args.device, env.local_rank if env.world_size > 1 else None)
+    return Separator(args.checkpoint, device, model=args.model, config=args.config, chunk_seconds=args.chunk,
+                     overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_process()
 
     # torchrun (or any launcher setting these) runs one process per rank; each takes every world_size-th file
-    rank, world_size, local_rank = (int(os.environ.get(name, default))
-                                    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if world_size > 1:
+    env = TorchrunEnv.from_environ()
+    if env.world_size > 1:
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+            handler.setFormatter(logging.Formatter(f"[rank {env.rank}] %(message)s"))
     files, problems = find_inputs(args.inputs or default_inputs(), args.recursive)
     failures = []
 
@@ -84,15 +103,13 @@ def run(args: argparse.Namespace) -> int:
         failures.append(message)
         print(f"error: {message}", file=sys.stderr)
 
-    if rank == 0:  # input problems are the same on every rank: rank 0 reports them
+    if env.is_main:  # input problems are the same on every rank: rank 0 reports them
         for problem in problems:
             report(problem)
 
-    separator = Separator(
-        args.checkpoint, rank_device(args.device, world_size, local_rank), config=args.config,
-        stems=[name.strip() for name in args.stems.split(",") if name.strip()] if args.stems else None,
-        two_stems=args.two_stems, chunk_seconds=args.chunk, overlap=args.overlap, batch_size=args.batch_size,
-        tta=args.tta, file_format=args.format, bit_depth=args.bit_depth, filename=args.filename,
+    separator = load_separator(
+        args, stems=[name.strip() for name in args.stems.split(",") if name.strip()] if args.stems else None,
+        two_stems=args.two_stems, file_format=args.format, bit_depth=args.bit_depth, filename=args.filename,
         force=args.force, jobs=args.jobs, progress=not args.quiet)
 
     # two inputs that the filename template maps to the same stems: the first one keeps them
@@ -101,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         for output in separator.output_paths(path, args.out_dir).values():
             owner.setdefault(output, path)
 
-    mine = files[rank::world_size]
+    mine = files[env.rank::env.world_size]
     with logging_redirect_tqdm():
         for path in mine:
             try:
@@ -158,12 +175,3 @@ def find_inputs(items: list[str], recursive: bool) -> tuple[list[Path], list[str
             seen.add(path.resolve())
             unique.append(path)
     return unique, problems
-
-
-def rank_device(device: str, world_size: int, local_rank: int) -> str:
-    """Under torchrun on a CUDA machine each rank takes its own GPU."""
-    import torch
-
-    if world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return device

@@ -18,6 +18,7 @@ import torch
 import bsmamba2
 from bsmamba2.checkpoint import save_model
 from bsmamba2.errors import BSMamba2Error
+from bsmamba2.files import refuse_overwrite
 
 
 def main() -> int:
@@ -26,8 +27,7 @@ def main() -> int:
     parser.add_argument("output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args()
-    if Path(args.output).exists() and not args.force:
-        sys.exit(f"{args.output} exists; pass --force to overwrite")
+    refuse_overwrite(args.output, args.force)
     models = [bsmamba2.load_model(path) for path in args.checkpoints]
     first = models[0]
     for path, model in zip(args.checkpoints[1:], models[1:]):

@@ -17,6 +17,7 @@ import torch
 import bsmamba2
 from bsmamba2.checkpoint import build_model, save_model
 from bsmamba2.errors import BSMamba2Error
+from bsmamba2.files import refuse_overwrite
 
 
 def main() -> int:
@@ -26,8 +27,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="for the new layer's initial weights (default 0)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args()
-    if Path(args.output).exists() and not args.force:
-        sys.exit(f"{args.output} exists; pass --force to overwrite")
+    refuse_overwrite(args.output, args.force)
     source = bsmamba2.load_model(args.checkpoint)
     model_config = dataclasses.replace(source.config.model, depth=source.config.model.depth + 1)
     torch.manual_seed(args.seed)  # the same source and seed always give the same grown weights

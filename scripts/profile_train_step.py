@@ -14,12 +14,13 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the bsmamba2 command sets it
+from bsmamba2 import runtime
+
+runtime.prepare_openmp()  # as the bsmamba2 command does, before torch loads
 
 import torch  # noqa: E402
 
 from bsmamba2.config import load_config  # noqa: E402
-from bsmamba2.ops.malloc import keep_freed_memory  # noqa: E402
 from bsmamba2.training.loop import STEP_PHASES as PHASES, Trainer  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    keep_freed_memory()  # as `bsmamba2 train` does
+    runtime.setup_process()  # as `bsmamba2 train` does
     config = load_config(args.config, args.overrides + ["training.grad_accum_steps=1"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, quiet=True)

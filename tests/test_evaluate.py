@@ -106,7 +106,7 @@ def test_csv_has_one_row_per_track_and_stem(evaluated):
 def test_table_is_printed_and_results_are_not_overwritten(workspace, evaluated, capsys):
     capsys.readouterr()
     assert evaluate(workspace, "-o", str(evaluated), "--no-csdr") == 2
-    assert "results.json exists; pass --force to overwrite" in capsys.readouterr().err
+    assert "results.json already exists (use --force to overwrite)" in capsys.readouterr().err
     assert evaluate(workspace, "-o", str(evaluated), "--no-csdr", "--force", "--tracks", "song a") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["track", "uSDR", "vocals", "cSDR", "vocals", "uSDR", "drums", "cSDR", "drums"]

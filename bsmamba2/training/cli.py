@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import BSMamba2Error
+from ..runtime import setup_process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.malloc import keep_freed_memory
     from .loop import Trainer, prepare_run
 
     if args.out is None and args.config is None:
         raise BSMamba2Error("give --config (to start a run) or --out (to resume one)")
-    keep_freed_memory()  # every step allocates and frees the same large tensors
+    setup_process()
     run_dir = Path(args.out) if args.out is not None else Path("runs") / Path(args.config).stem
     config, checkpoint = prepare_run(args.config, args.overrides, run_dir, args.resume)
     return Trainer(config, run_dir, checkpoint, quiet=args.quiet, init_from=args.init).run()

@@ -1,18 +1,17 @@
 """One process or many (torchrun): rank, device, backend, and the few collective operations training needs.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without them training runs in one process.
-Backends: nccl for CUDA, gloo otherwise. On a CPU the cores are shared out among the local processes.
+Where this process stands (`runtime.TorchrunEnv`); without torchrun, training runs in one process. Backends: nccl for
+CUDA, gloo otherwise. On a CPU the cores are shared out among the local processes.
 """
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..errors import BSMamba2Error
+from ..runtime import TorchrunEnv, resolve_device, set_threads
 
 # Ranks wait for each other during validation and checkpointing; give slow ones time before gloo gives up.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -20,13 +19,13 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 class Distributed:
     def __init__(self, device_choice: str = "auto"):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
-        self.device = _pick_device(device_choice, self.local_rank)
-        if self.device.type == "cpu" and local_world_size > 1:
-            torch.set_num_threads(max(1, _cpu_count() // local_world_size))
+        env = TorchrunEnv.from_environ()
+        self.rank, self.world_size = env.rank, env.world_size
+        self.device = resolve_device(device_choice, env.local_rank, option="training.device")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.device.type == "cpu" and env.local_world_size > 1:
+            set_threads(env.cpu_threads())
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
@@ -58,19 +57,3 @@ class Distributed:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise BSMamba2Error("training.device: cuda requested but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if choice == "mps" and not torch.backends.mps.is_available():
-        raise BSMamba2Error("training.device: mps requested but this torch has no MPS device")
-    return torch.device(choice)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

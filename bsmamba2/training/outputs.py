@@ -23,7 +23,7 @@ import yaml
 from .. import __version__
 from ..checkpoint import atomic_save
 from ..config import Config
-from ..files import write_text_atomic
+from ..files import temporary_path, write_text_atomic
 
 log = logging.getLogger("bsmamba2")
 
@@ -47,8 +47,7 @@ def save_checkpoint(payload: dict, run_dir: Path, keep_last: int) -> None:
 
 
 def _copy_atomically(source: Path, destination: Path) -> None:
-    temporary = destination.with_name(f".{destination.name}.tmp")
-    temporary.unlink(missing_ok=True)
+    temporary = temporary_path(destination)
     try:
         os.link(source, temporary)  # no second copy of the bytes
     except OSError:

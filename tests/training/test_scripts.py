@@ -38,7 +38,7 @@ def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, t
     assert exported.stat().st_size < (run_dir / "last.ckpt").stat().st_size / 2  # no optimizer state, one copy
 
     again = run_script("export_model.py", run_dir / "last.ckpt", exported)
-    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+    assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
     assert run_script("export_model.py", run_dir / "last.ckpt", exported, "--force").returncode == 0
 
 
@@ -59,7 +59,7 @@ def test_export_of_several_models_is_the_mean_of_their_weights(data_root, tmp_pa
     assert wider.returncode != 0 and "another architecture than" in wider.stderr
     assert not (tmp_path / "mixed.ckpt").exists()
     again = run_script("export_model.py", paths[0], paths[1], averaged)
-    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+    assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
 
 
 def test_oracle_baselines_bracket_the_task(data_root):
@@ -95,7 +95,7 @@ def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, t
         assert torch.equal(grown_weights[name], tensor), name
 
     again = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path)
-    assert again.returncode != 0 and "exists; pass --force to overwrite" in again.stderr
+    assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
     regrown = run_script("grow_model.py", tmp_path / "source.ckpt", grown_path, "--force")
     assert regrown.returncode == 0, regrown.stderr
     for name, tensor in bsmamba2.load_model(grown_path).named_parameters():  # same seed, same new layer
