@@ -318,7 +318,9 @@ def _download(entry: ModelEntry, path: Path, progress: bool) -> None:
     part = path.with_name(path.name + ".part")
     for _ in range(ATTEMPTS):
         announced = _transfer(entry, part, path, progress)
-        expected = entry.size if entry.size is not None else announced
+        # The server's word on the file's length decides whether the transfer was cut short; the entry's size is
+        # for the check below (a file of another size is not resumed, it is refused).
+        expected = announced if announced is not None else entry.size
         received = part.stat().st_size
         if expected is None or received >= expected:
             break
