@@ -154,9 +154,10 @@ def _parse_entry(name: str, values, path: Path) -> ModelEntry:
     for key in _TEXT_KEYS:
         require(values.get(key) is None or isinstance(values[key], str), key, "expected a string")
     url, sha256, size = values.get("url"), values.get("sha256"), values.get("size")
-    require((url is None) != (values.get("package_file") is None), "url", "give an http(s):// or file:// URL")
+    require((url is None) != (values.get("package_file") is None), "url",
+            "give a URL (http://, https:// or file://), or package_file for a file installed with bsmamba2")
     scheme = _scheme(url)
-    require(url is None or scheme in URL_SCHEMES, "url", f"expected an {', '.join(URL_SCHEMES)} URL, got {url!r}")
+    require(url is None or scheme in URL_SCHEMES, "url", f"expected an http://, https:// or file:// URL, got {url!r}")
     if sha256 is not None:
         sha256 = sha256.lower()
         require(bool(_SHA256.match(sha256)), "sha256", "expected 64 hexadecimal digits")

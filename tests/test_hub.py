@@ -117,6 +117,15 @@ def test_a_download_cut_every_time_keeps_its_part_and_the_next_call_resumes_it(s
     assert server.requests[-1] == ("/model.ckpt", f"bytes={kept}-")
 
 
+def test_a_stalled_server_times_out_instead_of_hanging(server, register, cache, monkeypatch):
+    register(served(server))
+    monkeypatch.setattr(hub, "TIMEOUT_SECONDS", 0.2)
+    server.gate.clear()  # headers sent, then no byte of the body
+    with pytest.raises(BSMamba2Error, match="kept stopping \\(0 of 300000 bytes so far"):
+        hub.checkpoint_file(NAME, progress=False)
+    assert len(server.requests) == hub.ATTEMPTS and not (cache / NAME / "model.ckpt").exists()
+
+
 @pytest.mark.parametrize("ignore_range, stale_part", [
     (True, b"x" * 1000),                 # a server that answers a Range request with the whole file (200)
     (False, PAYLOAD + b"trailing junk"),  # a part longer than the file: the server answers 416
@@ -220,14 +229,14 @@ def test_unknown_model_lists_the_known_ones(register, cache):
 @pytest.mark.parametrize("entry, message", [
     ({"url": "https://example.org/v.ckpt"}, "sha256: required for an http\\(s\\) URL"),
     ({"url": "https://example.org/v.ckpt", "sha256": "0123abcd"}, "sha256: expected 64 hexadecimal digits"),
-    ({"url": "ftp://example.org/v.ckpt", "sha256": SHA256}, "url: expected an http, https, file URL"),
+    ({"url": "ftp://example.org/v.ckpt", "sha256": SHA256}, "url: expected an http://, https:// or file:// URL"),
     ({"url": "https://example.org/v.ckpt", "sha256": SHA256, "colour": "red"},
      "colour: unknown key \\(known: description, stems, url,"),
     ({"url": "https://example.org/v.ckpt", "sha256": SHA256, "size": "big"}, "size: expected a positive number"),
     ({"url": "https://example.org/v.ckpt", "sha256": SHA256, "config": "nope"},
      "config: 'nope' is neither a packaged config \\(bsmamba2_4stem, bsmamba2_vocals"),
     ({"url": "https://example.org/", "sha256": SHA256}, "file: expected a plain file name"),
-    ({"description": "no url"}, "url: give an http"),
+    ({"description": "no url"}, "url: give a URL \\(http://, https:// or file://\\), or package_file"),
     ({"url": "https://example.org/v.ckpt", "sha256": SHA256, "scores": [{"stem": "vocals", "value": 9}]},
      "scores\\[0\\]: expected stem, metric, value, dataset, source"),
 ])
