@@ -244,11 +244,6 @@ def _cached_download(entry: ModelEntry, progress: bool) -> Path:
     path = local_path(entry)
     if _is_verified(entry, path):
         return path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BSMamba2Error(f"cannot create the model cache {path.parent}: {error.strerror or error} (set "
-                            f"{CACHE_ENV} to a writable folder)") from None
     with _exclusive_lock(path.with_name(path.name + ".lock"), entry.name):
         # Another process may have downloaded it while this one waited for the lock.
         if not (_is_verified(entry, path) or _verify_found_file(entry, path)):
@@ -383,7 +378,13 @@ def _unreachable(entry: ModelEntry, path: Path, reason) -> BSMamba2Error:
 def _exclusive_lock(path: Path, name: str) -> Iterator[None]:
     """Hold an exclusive lock on file `path` while the block runs; other processes wait for it. The lock file is
     left in place: deleting it would let a third process lock a new file while a second still holds the old."""
-    with open(path, "a+b") as file:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+b")
+    except OSError as error:
+        raise BSMamba2Error(f"cannot write to the model cache {path.parent}: {error.strerror or error} (set "
+                            f"{CACHE_ENV} to a writable folder)") from None
+    with file:
         if not _try_lock(file):
             log.info(f"model {name}: waiting for another process to finish downloading it")
             _lock(file)

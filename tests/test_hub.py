@@ -174,6 +174,13 @@ def test_a_file_put_in_the_cache_by_hand_is_hashed_once_and_a_wrong_one_is_downl
     assert len(server.requests) == 1
 
 
+def test_an_unwritable_cache_is_one_line(server, register, cache):
+    register(served(server))
+    cache.write_text("a file where the cache folder should be")
+    with pytest.raises(BSMamba2Error, match=f"cannot write to the model cache .*set {hub.CACHE_ENV}"):
+        hub.checkpoint_file(NAME, progress=False)
+
+
 def test_a_file_url_is_used_in_place_and_checked(tmp_path, register, cache):
     local = tmp_path / "my weights.ckpt"
     local.write_bytes(PAYLOAD)
