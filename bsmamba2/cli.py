@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("bsmamba2.training.cli", "train or resume a model from a YAML config (torchrun for several processes)"),
     "evaluate": ("bsmamba2.evaluate", "separate a MUSDB18-HQ-style folder and score every stem (uSDR, cSDR)"),
     "benchmark": ("bsmamba2.benchmark", "time the scan backends side by side (and the whole model): speed, memory, error"),
+    "models": ("bsmamba2.models_command", "list the known models (bundled and downloadable) and download them"),
 }
 
 

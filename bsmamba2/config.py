@@ -226,14 +226,35 @@ class Config:
             raise BSMamba2Error(f"{source}: {error}") from None
 
 
+# Configs shipped inside the package, so that a registry entry can name one after a non-editable install.
+PACKAGED_CONFIGS = Path(__file__).with_name("configs")
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(path.stem for path in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(name_or_path: Union[str, Path]) -> Path:
+    """A YAML file's path, or a packaged config's name (`bsmamba2_vocals`) resolved to its file."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.name}.yaml"
+    if str(name_or_path) == path.name and not path.suffix and packaged.is_file():
+        return packaged
+    raise BSMamba2Error(f"cannot read config {name_or_path}: no such file or packaged config "
+                        f"(packaged: {', '.join(packaged_config_names())})")
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `section.key=value` overrides."""
+    """Load a YAML config, given by path or packaged name (or the defaults when `path` is None), and apply
+    `section.key=value` overrides."""
     values: dict = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = config_path(path).read_text()
         except OSError as error:
             raise BSMamba2Error(f"cannot read config {path}: {error.strerror or error}") from None
         try:
