@@ -12,6 +12,7 @@ from bsmamba2.config import Config, load_config
 from bsmamba2.errors import BSMamba2Error
 
 REPO = Path(__file__).resolve().parents[2]
+# The published checkpoints' parameter names and shapes in ../shared: see OFFICIAL_KEYS in test_mamba2.py.
 OFFICIAL_KEYS = REPO.parent / "shared" / "reference" / "official_vocals_keys.json"
 
 
