@@ -1,5 +1,5 @@
-"""The paper's training loss (SPEC §4): waveform L1 plus multi-resolution complex-STFT L1; optionally a negative
-SDR term, the quantity the evaluation (uSDR) measures."""
+"""The training loss of "Mamba2 Meets Silence": waveform L1 plus multi-resolution complex-STFT L1; optionally a
+negative SDR term, the quantity the evaluation (uSDR) measures."""
 import torch
 from torch import nn
 

@@ -1,5 +1,5 @@
-"""Separation metrics (SPEC §7): uSDR, the Music Demixing Challenge's "new SDR", and cSDR, BSS Eval v4 as in
-SiSEC 2018 / MUSDB18 (museval).
+"""Separation metrics, as "Mamba2 Meets Silence" reports them: uSDR, the Music Demixing Challenge's "new SDR",
+and cSDR, BSS Eval v4 as in SiSEC 2018 / MUSDB18 (museval).
 
 Signals are arrays shaped (channels, samples). A score that cannot be defined is `nan`:
 - uSDR when the reference is digitally silent (the ratio would only measure the estimate's energy against δ);

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Render a synthetic MUSDB18-HQ-style set with ../shared/tools/gen_multitrack.py, one track at a time.
+"""Render a synthetic MUSDB18-HQ-style set with tools/gen_multitrack.py, one track at a time.
 
 The generator stops a whole batch when one track fails (a vocal note that starts after the song's end raises
 in its `render`), and a few seeds never finish; this driver calls its `make_track` per track with a time limit,
 skips the failures and reports them, so a long render survives. Track names and seeds are the generator's own (`synth_<seed>_<index>`, seed*100003+index).
 
-  python scripts/render_synth.py OUT --generator ../shared/tools/gen_multitrack.py --tracks 240 \
-      --duration 30 --seed 10 --workers 2 --soundfont /usr/share/sounds/sf2/FluidR3_GM.sf2
+  python scripts/render_synth.py OUT --tracks 240 --duration 30 --seed 10 --workers 2 \
+      --soundfont /usr/share/sounds/sf2/FluidR3_GM.sf2
+
+The generator's Debian and PyPI dependencies are listed in docs/training.md, "Synthetic data".
 """
 import argparse
 import importlib.util
@@ -49,8 +51,8 @@ def render_one(job):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
-    parser.add_argument("--generator", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                            "tools", "gen_multitrack.py"))
+    parser.add_argument("--generator", default=os.path.join(os.path.dirname(__file__), "..", "tools",
+                                                            "gen_multitrack.py"))
     parser.add_argument("--tracks", type=int, default=4)
     parser.add_argument("--first", type=int, default=0, help="index of the first track (to extend a set)")
     parser.add_argument("--duration", type=float, default=20.0)

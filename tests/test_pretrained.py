@@ -13,6 +13,9 @@ from bsmamba2.metrics import usdr
 from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.pretrained import CHECKPOINT, EXAMPLE
 
+# A small rendered set (4 train, 2 test songs of 12 s) in ../shared, the project's shared development folder
+# beside the repository; `python tools/gen_multitrack.py DIR --subset test --tracks 2 --duration 12 --seed 2
+# --p-instrumental 0` renders songs like its test ones (docs/training.md, "Synthetic data").
 SYNTH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "synth-dev"
 # Vocals uSDR that the shipped weights reach on every synth-dev test song (unseen in training; measured
 # 9.5 and 9.3 dB): a regression guard for the weights and the whole separation path.

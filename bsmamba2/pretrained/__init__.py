@@ -1,4 +1,4 @@
-"""The bundled default model and example song, shipped inside the package (see README, "The bundled model").
+"""The bundled default model and example song, shipped inside the package (its card: README.md here).
 
 `synth_vocals.ckpt`: a CPU-sized vocals BSMamba2 (configs/synth_vocals.yaml) trained on synthetic songs, EMA
 weights and config only. `example.flac`: a few seconds of a synthetic song it has never heard.

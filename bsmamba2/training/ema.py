@@ -1,5 +1,5 @@
-"""Exponential moving average of a model's weights (the paper trains with decay 0.999), used for validation and
-saved."""
+"""Exponential moving average of a model's weights (decay 0.999 in "Mamba2 Meets Silence"), used for validation
+and saved."""
 from __future__ import annotations
 
 import copy

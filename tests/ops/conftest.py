@@ -1,6 +1,6 @@
-"""Stand-ins for the fused CUDA kernels, written from their documented contracts (the docstrings and reference
-implementations in mamba_ssm 2.3 and causal-conv1d 1.6), and fixtures that plug them in so the `cuda` and `triton`
-adapters run unchanged on CPU.
+"""Stand-ins for the fused CUDA kernels, written from their documented contracts (the docstrings and sources of
+mamba_ssm's `selective_scan_fn` and `mamba_chunk_scan_combined` and causal-conv1d's `causal_conv1d_fn`), and
+fixtures that plug them in so the `cuda` and `triton` adapters run unchanged on CPU.
 
 The stand-ins check the layouts and dtypes the real kernels require, and compute per channel exactly as the kernels
 define it — so an adapter that lays out, repeats or casts its arguments wrongly fails against `reference`.
