@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import pickle
+import pickletools
 import types
 import zipfile
 from pathlib import Path
@@ -175,10 +176,7 @@ def _read_torch(path: Path, kind: str):
     placeholders: dict = {}
     try:
         with path.open("rb") as file:
-            # With weights_only=False, torch.load hands a TorchScript archive to torch.jit.load, which runs its
-            # code. The weights-only attempt above refused such files; check again, whatever the file holds now.
-            if any(name.split("/", 1)[-1] == "constants.pkl" for name in zipfile.ZipFile(file).namelist()):
-                raise BSMamba2Error("a TorchScript archive")
+            _check_restricted_loading_applies(zipfile.ZipFile(file))
             file.seek(0)
             payload = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
                                  placeholders=placeholders)
@@ -190,6 +188,19 @@ def _read_torch(path: Path, kind: str):
         log.warning("checkpoint %s holds objects other than tensors and plain values, kept as inert placeholders: "
                     "%s", path, ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
     return payload
+
+
+def _check_restricted_loading_applies(archive: zipfile.ZipFile) -> None:
+    """Refuse what a restricted Unpickler cannot make safe."""
+    records = {name.split("/", 1)[-1]: name for name in archive.namelist()}  # names inside the top folder
+    # With weights_only=False, torch.load hands a TorchScript archive to torch.jit.load, which runs its code. The
+    # weights-only attempt refused such files already; check again, whatever the file holds now.
+    if "constants.pkl" in records:
+        raise BSMamba2Error("a TorchScript archive")
+    # The EXT opcodes take an object from copyreg's process-wide cache when an earlier load put it there, without
+    # asking find_class. torch.save never writes them.
+    if any(opcode.name.startswith("EXT") for opcode, _, _ in pickletools.genops(archive.read(records["data.pkl"]))):
+        raise BSMamba2Error("a copyreg extension code")
 
 
 class Placeholder:
@@ -236,9 +247,8 @@ ALLOWED_GLOBALS = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """pickle's Unpickler with each global looked up in ALLOWED_GLOBALS; any other becomes a `Placeholder` class.
 
-    Every opcode that calls something (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ, and the extension codes, which name a
-    global through copyreg's registry) gets its callable from `find_class`, so nothing outside ALLOWED_GLOBALS
-    runs: `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a
+    Every opcode that calls something (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ) gets its callable from `find_class`
+    (the EXT opcodes, which may not, are refused before loading), so nothing outside ALLOWED_GLOBALS runs: `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a
     placeholder only records the arguments. BUILD (an object's `__setstate__`, else setting its attributes) reaches
     only placeholders (which keep the state), what the allowed globals built (tensors, dicts: data) and the
     globals themselves (read-only, or a fresh wrapper). torch.load looks storage names (`torch.FloatStorage`) up
