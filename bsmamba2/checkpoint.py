@@ -248,8 +248,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """pickle's Unpickler with each global looked up in ALLOWED_GLOBALS; any other becomes a `Placeholder` class.
 
     Every opcode that calls something (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ) gets its callable from `find_class`
-    (the EXT opcodes, which may not, are refused before loading), so nothing outside ALLOWED_GLOBALS runs: `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a
-    placeholder only records the arguments. BUILD (an object's `__setstate__`, else setting its attributes) reaches
+    (the EXT opcodes, which may not, are refused before loading), so nothing outside ALLOWED_GLOBALS runs:
+    `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a placeholder
+    only records the arguments. BUILD (an object's `__setstate__`, else setting its attributes) reaches
     only placeholders (which keep the state), what the allowed globals built (tensors, dicts: data) and the
     globals themselves (read-only, or a fresh wrapper). torch.load looks storage names (`torch.FloatStorage`) up
     in its own table before calling `find_class`.
@@ -294,8 +295,8 @@ def _read_safetensors(path: Path) -> dict:
         raise BSMamba2Error(f"checkpoint {path}: its '{CONFIG_METADATA}' metadata is not JSON") from None
 
 
-def _unreadable(path: Path, error: Exception, kind: str = "PyTorch") -> BSMamba2Error:
-    return BSMamba2Error(f"checkpoint {path}: not a readable {kind} checkpoint ({_first_line(error)})")
+def _unreadable(path: Path, error: Exception, file_format: str = "PyTorch") -> BSMamba2Error:
+    return BSMamba2Error(f"checkpoint {path}: not a readable {file_format} checkpoint ({_first_line(error)})")
 
 
 def _first_line(error: Exception) -> str:
