@@ -170,9 +170,9 @@ def _read_torch(path: Path, kind: str):
             raise _unreadable(path, error) from None
     except Exception as error:
         raise _unreadable(path, error) from None
-    if kind != "zip":
-        raise BSMamba2Error(f"checkpoint {path}: holds objects other than tensors and plain values, which are only "
-                            "read from zip checkpoints (torch.save since torch 1.6)")
+    if kind != "zip":  # torch.save writes zips since torch 1.6; older files load as tensors and plain values only
+        raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint (damaged, or objects other than "
+                            "tensors and plain values in the format before torch 1.6)")
     placeholders: dict = {}
     try:
         with path.open("rb") as file:
@@ -207,7 +207,7 @@ class Placeholder:
     """Stands in for an object of a class that a checkpoint names but that is never imported nor called.
 
     `name` is that class's dotted name; `args`, `kwargs`, `items` and `state` keep, as loaded data, what unpickling
-    would have handed to it (constructor arguments, dict entries, `__setstate__` state).
+    would have handed to it (constructor arguments, dict or list entries, `__setstate__` state).
     """
     name = "?"
 
@@ -218,6 +218,9 @@ class Placeholder:
 
     def __setitem__(self, key, value):  # SETITEM(S): the entries of a dict subclass
         self.items[key] = value
+
+    def append(self, value):  # APPEND(S): the entries of a list subclass, numbered
+        self.items[len(self.items)] = value
 
     def __setstate__(self, state):  # BUILD: kept, never applied
         self.state = state

@@ -64,7 +64,7 @@ class WritesOnNew:  # NEWOBJ
         return (MARKER,)
 
 
-class WritesOnNewWithKeywords(WritesOnNew):  # NEWOBJ_EX (protocol 4); functools.partial(cls.__new__, ...) below
+class WritesOnNewWithKeywords(WritesOnNew):  # NEWOBJ_EX; below protocol 4, functools.partial(cls.__new__, ...)
     def __getnewargs_ex__(self):
         return (MARKER,), {"mode": "w"}
 
@@ -79,6 +79,10 @@ CASES += [(TouchesPath, 2, True), (TouchesPath, 4, False), (WritesOnNewWithKeywo
 
 class AttributeDict(dict):
     """Like Lightning's hyper-parameter container: a dict subclass, here with an attribute besides its items."""
+
+
+class Milestones(list):
+    pass
 
 
 class EarlyStopping:
@@ -109,7 +113,7 @@ def trained_weights(config):
 
 
 def lightning_checkpoint(model, **extra) -> dict:
-    hyper_parameters = AttributeDict(lr=3e-4, n_fft=256)
+    hyper_parameters = AttributeDict(lr=3e-4, milestones=Milestones([10, 20]))
     hyper_parameters.name = "vocals"
     return {"state_dict": {f"model.{key}": value for key, value in model.state_dict().items()},
             "hyper_parameters": hyper_parameters, "callbacks": {"EarlyStopping": EarlyStopping(), **extra},
@@ -229,7 +233,9 @@ def test_lightning_checkpoint_with_hyper_parameter_objects_loads_its_weights(cap
     payload = read_checkpoint("lightning.ckpt")
     assert payload["epoch"] == 3 and payload["pytorch-lightning_version"] == "2.1.0"
     hyper_parameters = payload["hyper_parameters"]
-    assert hyper_parameters.items == {"lr": 3e-4, "n_fft": 256} and hyper_parameters.state == {"name": "vocals"}
+    assert hyper_parameters.items.keys() == {"lr", "milestones"} and hyper_parameters.items["lr"] == 3e-4
+    assert hyper_parameters.items["milestones"].items == {0: 10, 1: 20}
+    assert hyper_parameters.state == {"name": "vocals"}
     callback = payload["callbacks"]["EarlyStopping"]
     assert callback.state["patience"] == 3 and torch.equal(callback.state["best"], torch.tensor(0.5))
 
