@@ -59,7 +59,8 @@ def build_model(config: Config) -> BSMamba2:
 
 def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, str, Path, None] = None,
                device: Union[str, torch.device] = "cpu") -> BSMamba2:
-    """A model in eval mode from a checkpoint (ours or a published one); `config` overrides the stored one.
+    """A model in eval mode from a checkpoint (ours or a published one: torch, Lightning or safetensors); `config`
+    overrides the stored one.
 
     Without `checkpoint`, the bundled default model.
     """
