@@ -17,7 +17,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from bsmamba2.checkpoint import Placeholder, build_model, load_model, paper_vocals_config, read_checkpoint, save_model
+from bsmamba2.checkpoint import Placeholder, build_model, load_model, read_checkpoint, save_model
+from bsmamba2.config import Config
 from bsmamba2.errors import BSMamba2Error
 
 from separation_fixtures import tiny_config
@@ -275,12 +276,13 @@ def test_safetensors_without_our_metadata_is_a_published_checkpoint(tmp_path):
     (tmp_path / "tiny.json").write_text(json.dumps(config.to_dict()))  # YAML is JSON's superset
     assert separates_like(load_model("published.safetensors", config=tmp_path / "tiny.json"), model)
 
+    paper_config = Config().validate()  # the defaults are the paper's vocals model
     with torch.device("meta"):
-        shapes = build_model(paper_vocals_config()).state_dict()
+        shapes = build_model(paper_config).state_dict()
     paper = {name: torch.full(shape.shape, 0.001 * index) for index, (name, shape) in enumerate(shapes.items())}
     safetensors.torch.save_file(paper, "paper.safetensors", metadata={"format": "pt"})
     loaded = load_model("paper.safetensors")
-    assert loaded.config == paper_vocals_config()
+    assert loaded.config == paper_config
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in paper.items())
 
 
