@@ -1,20 +1,35 @@
 """Reading and writing checkpoints, building models, and loading the published BSMamba2 checkpoints.
 
-Our checkpoints are dicts holding at least `config` (the resolved Config as a dict) and `model` (a state dict),
-and, from training, `ema` (preferred for inference when present). The published checkpoints (the authors'
-Lightning `sota_model.ckpt`, Music-Source-Separation-Training's `bs_mamba2_vocals.ckpt`) hold the same parameter
-names, possibly nested under `state_dict` / `model` / `ema`-like keys and prefixed with `model.` / `module.`;
-without a stored config they get the paper vocals config.
+Our checkpoints hold at least `config` (the resolved Config as a dict) and `model` (a state dict), and, from
+training, `ema` (preferred for inference when present): a torch.save dict, or a .safetensors file with the config
+as JSON in its metadata. The published checkpoints (the authors' Lightning `sota_model.ckpt`, Music-Source-
+Separation-Training's `bs_mamba2_vocals.ckpt`) hold the same parameter names, possibly nested under `state_dict` /
+`model` / `ema`-like keys and prefixed with `model.` / `module.`; without a stored config they get the paper vocals
+config.
+
+Checkpoints are data: nothing in one is ever run. torch files load with `weights_only=True`; a zip checkpoint
+that also pickles other objects (Lightning's hyper-parameters and callbacks) is read by a restricted unpickler
+that rebuilds tensors, containers and plain values and turns every other object into an inert `Placeholder`.
 """
 from __future__ import annotations
 
+import codecs
+import collections
+import functools
+import json
 import logging
 import pickle
+import pickletools
+import types
+import zipfile
 from pathlib import Path
 from typing import Union
 
+import safetensors
+import safetensors.torch
 import torch
 
+from . import __version__
 from .config import Config, load_config
 from .errors import BSMamba2Error
 from .files import atomic_write
@@ -24,6 +39,10 @@ log = logging.getLogger("bsmamba2")
 
 # Every BSMamba2 state dict has exactly one of these; what precedes it in a key is the nesting prefix.
 ANCHOR_KEY = "final_norm.gamma"
+
+# The metadata of our .safetensors checkpoints: the config (JSON of Config.to_dict()) and the writing version.
+CONFIG_METADATA = "bsmamba2.config"
+VERSION_METADATA = "bsmamba2.version"
 
 
 def build_model(config: Config) -> BSMamba2:
@@ -35,7 +54,8 @@ def build_model(config: Config) -> BSMamba2:
 
 def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, str, Path, None] = None,
                device: Union[str, torch.device] = "cpu") -> BSMamba2:
-    """A model in eval mode from a checkpoint (ours or a published one); `config` overrides the stored one.
+    """A model in eval mode from a checkpoint (ours or a published one: torch, Lightning or safetensors); `config`
+    overrides the stored one.
 
     Without `checkpoint`, the bundled default model.
     """
@@ -97,30 +117,180 @@ def _mismatches(weights: dict, expected: dict) -> list:
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:
-    """torch.load on the CPU, with one-line errors for missing and unreadable files."""
+    """The dict inside a PyTorch, Lightning or safetensors checkpoint, on the CPU; nothing in the file is run.
+
+    Errors (missing, unreadable, refused, not a dict) are one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise BSMamba2Error(f"checkpoint {path}: no such file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
-        # Lightning checkpoints may pickle extra objects (hyper-parameters): trust the file the user named.
-        log.warning("checkpoint %s holds more than tensors and plain types; loading it fully", path)
-        payload = _load_untrusted(path)
-    except Exception as error:
-        raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        payload = _read_safetensors(path)
+    elif kind:
+        payload = _read_torch(path, kind)
+    else:
+        raise BSMamba2Error(f"checkpoint {path}: not a PyTorch, Lightning or safetensors checkpoint")
     if not isinstance(payload, dict):
         raise BSMamba2Error(f"checkpoint {path}: expected a dict of tensors, found {type(payload).__name__}")
     return payload
 
 
-def _load_untrusted(path: Path) -> dict:
+def _file_kind(path: Path) -> str:
+    """From the first bytes: "zip" (torch.save since torch 1.6), "pickle" (older torch.save), "safetensors" (an
+    8-byte little-endian header length, then the JSON header), or "" for anything else."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):  # the PROTO opcode that starts a pickle of protocol 2 or later
+        return "pickle"
+    if head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    return ""
+
+
+def _read_torch(path: Path, kind: str):
+    """torch.load with weights_only; a zip checkpoint that holds other objects too (a Lightning checkpoint's
+    hyper-parameters and callbacks) is read again with those objects as inert `Placeholder`s."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with path.open("rb") as file:  # a file, not a path: torch.load would choose safetensors by the name alone
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise _unreadable(path, error) from None
     except Exception as error:
-        raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        raise _unreadable(path, error) from None
+    if kind != "zip":  # torch.save writes zips since torch 1.6; older files load as tensors and plain values only
+        raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint (damaged, or objects other than "
+                            "tensors and plain values in the format before torch 1.6)")
+    placeholders: dict = {}
+    try:
+        with path.open("rb") as file:
+            _check_restricted_loading_applies(zipfile.ZipFile(file))
+            file.seek(0)
+            payload = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
+                                 placeholders=placeholders)
+    except Exception as error:
+        raise BSMamba2Error(f"checkpoint {path}: refused, it holds objects that cannot be loaded as inert data "
+                            f"({_first_line(error)})") from None
+    if placeholders:
+        names = sorted(placeholders)
+        log.warning("checkpoint %s holds objects other than tensors and plain values, kept as inert placeholders: "
+                    "%s", path, ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
+    return payload
+
+
+def _check_restricted_loading_applies(archive: zipfile.ZipFile) -> None:
+    """Refuse what a restricted Unpickler cannot make safe."""
+    records = {name.split("/", 1)[-1]: name for name in archive.namelist()}  # names inside the top folder
+    # With weights_only=False, torch.load hands a TorchScript archive to torch.jit.load, which runs its code. The
+    # weights-only attempt refused such files already; check again, whatever the file holds now.
+    if "constants.pkl" in records:
+        raise BSMamba2Error("a TorchScript archive")
+    # The EXT opcodes take an object from copyreg's process-wide cache when an earlier load put it there, without
+    # asking find_class. torch.save never writes them.
+    if any(opcode.name.startswith("EXT") for opcode, _, _ in pickletools.genops(archive.read(records["data.pkl"]))):
+        raise BSMamba2Error("a copyreg extension code")
+
+
+class Placeholder:
+    """Stands in for an object of a class that a checkpoint names but that is never imported nor called.
+
+    `name` is that class's dotted name; `args`, `kwargs`, `items` and `state` keep, as loaded data, what unpickling
+    would have handed to it (constructor arguments, dict or list entries, `__setstate__` state).
+    """
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):  # pickle's REDUCE calls the class, NEWOBJ calls __new__: both end here
+        self = super().__new__(cls)
+        self.args, self.kwargs, self.items, self.state = args, kwargs, {}, None
+        return self
+
+    def __setitem__(self, key, value):  # SETITEM(S): the entries of a dict subclass
+        self.items[key] = value
+
+    def append(self, value):  # APPEND(S): the entries of a list subclass, numbered
+        self.items[len(self.items)] = value
+
+    def __setstate__(self, state):  # BUILD: kept, never applied
+        self.state = state
+
+    def __repr__(self):
+        return f"<{self.name}, not loaded>"
+
+
+# The only globals a checkpoint may name (by the dotted name a pickle gives), each safe to call with anything a
+# pickle can build: plain values, tensors, the entries here and placeholders.
+ALLOWED_GLOBALS = {
+    # Containers and plain values: they only hold what they are given.
+    "collections.OrderedDict": collections.OrderedDict,  # state dicts
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray, "builtins.complex": complex,
+    # bytes under pickle protocol 2 (torch.save's): encode(text, "latin1"); a codec name can only select a codec.
+    "_codecs.encode": codecs.encode,
+    # Tensors: a view of a storage that torch's own loader read from the file (sizes checked against it).
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch.Size": torch.Size,  # a tuple of ints
+    "torch.device": torch.device,  # a name, such as "cuda:0"
+    # dtypes are values (a dtype cannot be called).
+    **{f"torch.{name}": value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle's Unpickler with each global looked up in ALLOWED_GLOBALS; any other becomes a `Placeholder` class.
+
+    Every opcode that calls something (REDUCE, NEWOBJ, NEWOBJ_EX, INST, OBJ) gets its callable from `find_class`
+    (the EXT opcodes, which may not, are refused before loading), so nothing outside ALLOWED_GLOBALS runs:
+    `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a placeholder
+    only records the arguments. BUILD (an object's `__setstate__`, else setting its attributes) reaches
+    only placeholders (which keep the state), what the allowed globals built (tensors, dicts: data) and the
+    globals themselves (read-only, or a fresh wrapper). torch.load looks storage names (`torch.FloatStorage`) up
+    in its own table before calling `find_class`.
+    """
+
+    def __init__(self, file, *, placeholders: dict, **options):
+        super().__init__(file, **options)
+        self.placeholders = placeholders  # dotted name -> its Placeholder subclass, for the caller to report
+
+    def find_class(self, module: str, name: str):
+        dotted = f"{_PYTHON2_MODULES.get(module, module)}.{name}"
+        if dotted in ALLOWED_GLOBALS:
+            found = ALLOWED_GLOBALS[dotted]
+            # BUILD can set attributes (even __defaults__) on any object on the stack: a Python function gets a
+            # fresh wrapper, so that no load changes it. The types and builtins allowed are read-only.
+            return functools.partial(found) if isinstance(found, types.FunctionType) else found
+        if dotted not in self.placeholders:
+            self.placeholders[dotted] = type(f"Placeholder({dotted})", (Placeholder,), {"name": dotted})
+        return self.placeholders[dotted]
+
+
+# Protocol 2 (torch.save's) writes the Python 2 name of the builtins module.
+_PYTHON2_MODULES = {"__builtin__": "builtins"}
+
+# All that torch.load(pickle_module=...) uses of a pickle module: its name and its Unpickler.
+_RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=_RestrictedUnpickler)
+
+
+def _read_safetensors(path: Path) -> dict:
+    """Our safetensors checkpoints hold the config as JSON in the metadata; without it, just the weights."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            weights = {key: file.get_tensor(key) for key in file.keys()}
+    except Exception as error:  # a damaged header or truncated data
+        raise _unreadable(path, error, "safetensors") from None
+    if CONFIG_METADATA not in metadata:
+        return weights
+    try:
+        return {"config": json.loads(metadata[CONFIG_METADATA]), "model": weights}
+    except ValueError:
+        raise BSMamba2Error(f"checkpoint {path}: its '{CONFIG_METADATA}' metadata is not JSON") from None
+
+
+def _unreadable(path: Path, error: Exception, file_format: str = "PyTorch") -> BSMamba2Error:
+    return BSMamba2Error(f"checkpoint {path}: not a readable {file_format} checkpoint ({_first_line(error)})")
 
 
 def _first_line(error: Exception) -> str:
@@ -134,7 +304,17 @@ def atomic_save(obj, path: Union[str, Path]) -> None:
         torch.save(obj, file)
 
 
-def save_model(model: BSMamba2, path: Union[str, Path], **extra) -> None:
-    """A checkpoint that `load_model` reads: the model's config and weights (plus any `extra` entries)."""
-    atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), **extra}, path)
-
+def save_model(model: BSMamba2, path: Union[str, Path]) -> None:
+    """A checkpoint that `load_model` reads: the model's config and weights, as safetensors (the config as JSON in
+    the metadata) when `path` ends in .safetensors, else as a torch.save dict."""
+    config = model.config.to_dict()
+    if Path(path).suffix.lower() != ".safetensors":
+        atomic_save({"config": config, "model": model.state_dict()}, path)
+        return
+    # safetensors refuses tensors that share storage or are not contiguous: a contiguous copy of each keeps
+    # every name that load_state_dict expects, whatever views or tied weights a model has.
+    weights = {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+               for name, tensor in model.state_dict().items()}
+    metadata = {"format": "pt", CONFIG_METADATA: json.dumps(config), VERSION_METADATA: __version__}
+    with atomic_write(path) as file:
+        file.write(safetensors.torch.save(weights, metadata))

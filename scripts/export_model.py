@@ -5,9 +5,11 @@ WiSE-FT: a fine-tuned model averaged with the model it started from often keeps 
 
     python scripts/export_model.py runs/synth_vocals/best.ckpt bsmamba2/pretrained/synth_vocals.ckpt [--force]
     python scripts/export_model.py runs/a.ckpt runs/b.ckpt averaged.ckpt [--force]
+    python scripts/export_model.py runs/synth_vocals/best.ckpt synth_vocals.safetensors
 
 Inputs are anything `bsmamba2.load_model` reads; the result loads with it too, with the first input's config and
-without the optimizer state, raw weights and random-generator states that only resuming needs.
+without the optimizer state, raw weights and random-generator states that only resuming needs. An output ending in
+.safetensors is written in that format, with the config as JSON in its metadata.
 """
 import argparse
 import sys

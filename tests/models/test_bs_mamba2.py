@@ -272,7 +272,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(BSMamba2Error, match="no such file"):
         load_model(tmp_path / "absent.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(BSMamba2Error, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(BSMamba2Error, match="not a PyTorch, Lightning or safetensors checkpoint"):
         load_model(tmp_path / "junk.ckpt")
     save_model(build_model(tiny_config()), tmp_path / "whole.ckpt")
     data = (tmp_path / "whole.ckpt").read_bytes()

@@ -1,16 +1,18 @@
 """The scripts that work on training outputs and data (export_model.py, grow_model.py, oracle_baselines.py in
 scripts/), run as a user runs them."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 import yaml
 
 import bsmamba2
-from bsmamba2.checkpoint import build_model, save_model
+from bsmamba2.checkpoint import build_model, read_checkpoint, save_model
 from bsmamba2.metrics import usdr
 from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.training.loop import Trainer
@@ -28,14 +30,17 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, tmp_path):
     run_dir = tmp_path / "run"
     assert Trainer(tiny_config(data_root, training={"max_steps": 2}), run_dir, quiet=True).run() == 0
-    exported = tmp_path / "model.ckpt"
-    result = run_script("export_model.py", run_dir / "last.ckpt", exported)
-    assert result.returncode == 0, result.stderr
-    training, inference = (torch.load(path, weights_only=True) for path in (run_dir / "last.ckpt", exported))
-    assert set(inference) == {"config", "model"} and inference["config"] == training["config"]
-    for name, tensor in training["ema"].items():
-        assert torch.equal(inference["model"][name], tensor), name
-    assert exported.stat().st_size < (run_dir / "last.ckpt").stat().st_size / 2  # no optimizer state, one copy
+    training = torch.load(run_dir / "last.ckpt", weights_only=True)
+    for exported in (tmp_path / "model.safetensors", tmp_path / "model.ckpt"):
+        result = run_script("export_model.py", run_dir / "last.ckpt", exported)
+        assert result.returncode == 0, result.stderr
+        inference = read_checkpoint(exported)
+        assert set(inference) == {"config", "model"} and inference["config"] == training["config"]
+        for name, tensor in training["ema"].items():
+            assert torch.equal(inference["model"][name], tensor), name
+        assert exported.stat().st_size < (run_dir / "last.ckpt").stat().st_size / 2  # no optimizer state, one copy
+    with safetensors.safe_open(tmp_path / "model.safetensors", framework="pt") as file:  # the config in its metadata
+        assert json.loads(file.metadata()["bsmamba2.config"]) == training["config"]
 
     again = run_script("export_model.py", run_dir / "last.ckpt", exported)
     assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
@@ -48,12 +53,12 @@ def test_export_of_several_models_is_the_mean_of_their_weights(data_root, tmp_pa
         torch.manual_seed(seed)
         paths.append(tmp_path / f"model{seed}.ckpt")
         save_model(build_model(tiny_config(data_root, model={"dim": dim})), paths[-1])
-    averaged = tmp_path / "average.ckpt"
-    result = run_script("export_model.py", paths[0], paths[1], averaged)
-    assert result.returncode == 0, result.stderr
-    first, second, mean = (torch.load(path, weights_only=True)["model"] for path in (paths[0], paths[1], averaged))
-    for name, tensor in mean.items():
-        torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
+    first, second = (torch.load(path, weights_only=True)["model"] for path in paths[:2])
+    for averaged in (tmp_path / "average.safetensors", tmp_path / "average.ckpt"):
+        result = run_script("export_model.py", paths[0], paths[1], averaged)
+        assert result.returncode == 0, result.stderr
+        for name, tensor in read_checkpoint(averaged)["model"].items():
+            torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
 
     wider = run_script("export_model.py", paths[0], paths[2], tmp_path / "mixed.ckpt")
     assert wider.returncode != 0 and "another architecture than" in wider.stderr
