@@ -319,3 +319,67 @@ def test_models_command_needs_no_torch():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "bsmamba2-vocals-msst" in result.stdout and "path: " in result.stdout
+
+
+def test_separate_with_a_model_downloads_verifies_caches_and_separates(tmp_path, register, cache, monkeypatch):
+    """Issue 17's "done": `bsmamba2 separate song.wav --model NAME` against an entry served from 127.0.0.1."""
+    from separation_fixtures import noise, save_tiny_checkpoint, write_audio
+
+    data = save_tiny_checkpoint(tmp_path / "served.ckpt").read_bytes()
+    song = write_audio(tmp_path / "song.wav", noise(2, 44100), 44100)
+    monkeypatch.chdir(tmp_path)
+    with FileServer({"/tiny.ckpt": data}) as server:
+        register({"url": server.url + "/tiny.ckpt", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+        assert main(["separate", str(song), "--model", NAME, "-o", "first", "-q"]) == 0
+        assert server.requests == [("/tiny.ckpt", None)]
+        assert (cache / NAME / "tiny.ckpt").read_bytes() == data
+        assert main(["separate", str(song), "--model", NAME, "-o", "second", "-q"]) == 0
+        assert len(server.requests) == 1  # the second run uses the cache
+    for stem in ("vocals", "drums"):
+        assert (tmp_path / "first" / "song" / f"{stem}.wav").read_bytes() == \
+            (tmp_path / "second" / "song" / f"{stem}.wav").read_bytes()
+
+
+def test_a_corrupted_model_never_reaches_the_cache_or_the_model(tmp_path, register, cache, monkeypatch, capsys):
+    from separation_fixtures import noise, save_tiny_checkpoint, write_audio
+
+    data = save_tiny_checkpoint(tmp_path / "served.ckpt").read_bytes()
+    song = write_audio(tmp_path / "song.wav", noise(2, 4410), 44100)
+    monkeypatch.chdir(tmp_path)
+    corrupted = data[:1000] + bytes([data[1000] ^ 1]) + data[1001:]
+    with FileServer({"/tiny.ckpt": corrupted}) as server:
+        register({"url": server.url + "/tiny.ckpt", "sha256": hashlib.sha256(data).hexdigest()})
+        assert main(["separate", str(song), "--model", NAME, "-q"]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert not any(cache.rglob("*.ckpt")) and not any(cache.rglob("*.part"))
+    assert not (tmp_path / "separated").exists()
+
+
+class _WritesAFile:
+    """Unpickling this with plain pickle creates MARKER: the payload a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["BSMAMBA2_TEST_MARKER"]),))
+
+
+def test_a_malicious_pickle_served_as_a_model_never_runs(tmp_path, register, cache, monkeypatch):
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    from separation_fixtures import noise, save_tiny_checkpoint, write_audio
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("BSMAMBA2_TEST_MARKER", str(marker))
+    pickle.loads(pickle.dumps(_WritesAFile()))  # armed: plain unpickling does create the file
+    assert marker.exists()
+    marker.unlink()
+    checkpoint = torch.load(save_tiny_checkpoint(tmp_path / "tiny.ckpt"), weights_only=True)
+    checkpoint["hyper_parameters"] = _WritesAFile()
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    data = (tmp_path / "evil.ckpt").read_bytes()
+    song = write_audio(tmp_path / "song.wav", noise(2, 4410), 44100)
+    monkeypatch.chdir(tmp_path)
+    with FileServer({"/evil.ckpt": data}) as server:
+        register({"url": server.url + "/evil.ckpt", "sha256": hashlib.sha256(data).hexdigest()})
+        main(["separate", str(song), "--model", NAME, "-q"])  # loaded inert or refused: either way, not run
+    assert not marker.exists()

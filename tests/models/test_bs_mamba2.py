@@ -13,8 +13,8 @@ from bsmamba2.errors import BSMamba2Error
 from bsmamba2.models.bs_mamba2 import BSMamba2
 
 REPO = Path(__file__).resolve().parents[2]
-# The published checkpoints' parameter names and shapes in ../shared: see OFFICIAL_KEYS in test_mamba2.py.
-OFFICIAL_KEYS = REPO.parent / "shared" / "reference" / "official_vocals_keys.json"
+# The published checkpoints' parameter names and shapes: see OFFICIAL_KEYS in test_mamba2.py.
+OFFICIAL_KEYS = REPO / "tests" / "data" / "official_vocals_keys.json"
 
 
 def tiny_config(**model) -> Config:
