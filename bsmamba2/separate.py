@@ -101,7 +101,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     chunking.add_argument("--batch-size", type=int, metavar="N", help="chunks per forward pass")
     chunking.add_argument("--tta", action="store_true",
                           help="test-time augmentation: average with polarity-inverted and channel-swapped passes "
-                               "(three passes: about 3.5x the time, docs/performance.md)")
+                               "(three passes of the model: about 3x the time, docs/performance.md)")
 
 
 def load_separator(args: argparse.Namespace, **options) -> "Separator":
