@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--bit-depth", choices=list(BIT_DEPTHS),
                         help="wav and flac only: 16 and 24 clip at full scale (with a warning); 32f (wav only) keeps "
                              f"every value (default: {DEFAULT_BIT_DEPTH})")
+    ranges = ", ".join(f"{name} {low}-{high}" for name, (low, high) in BITRATES.items())
     output.add_argument("--bitrate", type=int, metavar="KBPS",
-                        help=f"mp3, ogg and opus only: {', '.join(f'{name} {low}-{high}' for name, (low, high) in BITRATES.items())}"
-                             f" kbps; mp3 is constant bitrate, ogg and opus aim at it (default: {DEFAULT_BITRATE})")
+                        help=f"lossy formats only: {ranges} kbps; mp3 is constant bitrate, ogg and opus aim at it "
+                             f"(default: {DEFAULT_BITRATE})")
     output.add_argument("--filename", default="{track}/{stem}.{ext}",
                         help="output path template inside OUT_DIR, fields {track}, {stem}, {ext}, {input_ext} (the "
                              "input's extension) and {folder} (the input's folder under the folder or pattern it "
@@ -168,41 +169,24 @@ def run(args: argparse.Namespace) -> int:
 
     mine = [Outcome(str(item.path), "pending") for item in inputs[env.rank::env.world_size]]
     outcomes += mine
-    interrupted = False
     with StopAfterFile() as stop, logging_redirect_tqdm():
-        for item, outcome in zip(inputs[env.rank::env.world_size], mine):
-            if stop.requested:
-                interrupted = True
-                break
-            paths = separator.output_paths(item.path, args.out_dir, item.folder)
-            outcome.outputs = {name: str(path) for name, path in paths.items()}
-            missing = [name for name, path in paths.items() if args.force or not path.exists()]
-            if not missing:
-                outcome.status = "skipped"
-                log.info("%s: skipped, its stems are there: %s (--force rewrites them)", item.path, shown(paths))
-                continue
-            try:
-                started = time.perf_counter()
-                separator.separate_file(item.path, args.out_dir, folder=item.folder, only=missing)
-                outcome.wall_seconds = time.perf_counter() - started
-                outcome.seconds = sf.info(str(item.path)).duration
-                outcome.real_time_factor = outcome.wall_seconds / outcome.seconds
-                outcome.status, outcome.written = "separated", missing
-                log.info("%s: %.1f s of audio in %.1f s, real-time factor %.3f → %s", item.path, outcome.seconds,
-                         outcome.wall_seconds, outcome.real_time_factor,
-                         shown({name: paths[name] for name in missing}))
-            except KeyboardInterrupt:  # a second Ctrl-C: this file's stems were discarded
-                fail(outcome, f"{item.path}: interrupted")
-                interrupted = True
-                break
-            except BSMamba2Error as error:
-                fail(outcome, str(error))
-            except Exception as error:  # a bug or a device failure on one file must not lose the others
-                log.error("unexpected failure on %s", item.path, exc_info=True)
-                fail(outcome, f"{item.path}: {type(error).__name__}: {error}")
+        try:
+            for item, outcome in zip(inputs[env.rank::env.world_size], mine):
+                if stop.requested:
+                    break
+                try:
+                    separate_input(separator, item, outcome, args.out_dir, args.force)
+                except BSMamba2Error as error:
+                    fail(outcome, str(error))
+                except Exception as error:  # a bug or a device failure on one file must not lose the others
+                    log.error("unexpected failure on %s", item.path, exc_info=True)
+                    fail(outcome, f"{item.path}: {type(error).__name__}: {error}")
+        except KeyboardInterrupt:  # a second Ctrl-C: the file in progress was discarded and stays pending
+            stop.requested = True
 
     counts = {status: sum(outcome.status == status for outcome in outcomes)
               for status in ("separated", "skipped", "failed", "pending")}
+    interrupted = counts["pending"] > 0
     summary = {**counts, "interrupted": interrupted, "inputs": [vars(outcome) for outcome in outcomes]}
     if args.report:
         report = Path(args.report)
@@ -223,6 +207,26 @@ def run(args: argparse.Namespace) -> int:
               "to separate the rest (finished tracks are skipped)", file=sys.stderr)
         return 130
     return 1 if failures else 0
+
+
+def separate_input(separator: "Separator", item: Input, outcome: Outcome, out_dir: str, force: bool) -> None:
+    """Write the stems of `item` that are missing (all of them with `force`) and record it in `outcome`; a track
+    whose stems are all there is skipped."""
+    paths = separator.output_paths(item.path, out_dir, item.folder)
+    outcome.outputs = {name: str(path) for name, path in paths.items()}
+    missing = [name for name, path in paths.items() if force or not path.exists()]
+    if not missing:
+        outcome.status = "skipped"
+        log.info("%s: skipped, its stems are there: %s (--force rewrites them)", item.path, shown(paths))
+        return
+    started = time.perf_counter()
+    separator.separate_file(item.path, out_dir, folder=item.folder, only=missing)
+    outcome.wall_seconds = time.perf_counter() - started
+    outcome.seconds = sf.info(str(item.path)).duration
+    outcome.real_time_factor = outcome.wall_seconds / outcome.seconds
+    outcome.status, outcome.written = "separated", missing
+    log.info("%s: %.1f s of audio in %.1f s, real-time factor %.3f → %s", item.path, outcome.seconds,
+             outcome.wall_seconds, outcome.real_time_factor, shown({name: paths[name] for name in missing}))
 
 
 class StopAfterFile:
