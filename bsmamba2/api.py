@@ -131,16 +131,18 @@ class Separator:
         (the model still runs once over the whole track). Without `out_dir`, return the stems as (channels,
         samples) float32 arrays."""
         path = Path(path)
+        only = list(self.outputs) if only is None else list(only)
+        for name in only:
+            _check(name in self.outputs, f"stem {name!r}: the outputs are {', '.join(self.outputs)}")
+        selected = [index for index, name in enumerate(self.outputs) if name in only]
         started = time.perf_counter()
         with AudioReader(path) as reader:
             writers = None
             if out_dir is not None:
                 paths = self.output_paths(path, out_dir, folder)
-                chosen = list(paths) if only is None else [name for name in paths if name in set(only)]
-                selected = [self.outputs.index(name) for name in chosen]
-                writers = StemWriters({name: paths[name] for name in chosen}, reader.sample_rate, reader.channels,
-                                      self.file_format, self.bit_depth, self.force, threads=self.jobs - 1,
-                                      bitrate=self.bitrate)
+                writers = StemWriters({self.outputs[index]: paths[self.outputs[index]] for index in selected},
+                                      reader.sample_rate, reader.channels, self.file_format, self.bit_depth,
+                                      self.force, threads=self.jobs - 1, bitrate=self.bitrate)
             blocks = reader.blocks()
             if self.jobs > 1:
                 blocks = prefetched(blocks)
