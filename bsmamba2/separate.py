@@ -231,26 +231,31 @@ def separate_input(separator: "Separator", item: Input, outcome: Outcome, out_di
 
 class StopAfterFile:
     """While active, the first Ctrl-C (SIGINT) sets `requested`, so that the loop stops after the file in
-    progress; a second one raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
+    progress; a second one, or SIGTERM (what torchrun and job schedulers send), raises KeyboardInterrupt at once,
+    so that the file in progress is cleaned up. Outside the main thread it does nothing."""
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self) -> "StopAfterFile":
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt),
+                             signal.SIGTERM: signal.signal(signal.SIGTERM, self._terminate)}
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _interrupt(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\nCtrl-C: stopping after the file in progress (Ctrl-C again stops at once)", file=sys.stderr)
 
+    def _terminate(self, signum, frame) -> None:
+        raise KeyboardInterrupt
+
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def shown(paths: dict) -> str:
