@@ -262,9 +262,8 @@ def shown(paths: dict) -> str:
     """Stem paths for a message, relative to the working directory when under it: `out/song/ (vocals.wav,
     drums.wav)` when they share a folder."""
     def relative(path: Path) -> str:
-        absolute = os.path.abspath(path)
-        under_cwd = os.path.commonpath([absolute, os.getcwd()]) == os.getcwd()
-        return os.path.relpath(absolute) if under_cwd else absolute
+        absolute = Path(os.path.abspath(path))  # not resolve(): a symlinked folder keeps the name the user gave
+        return str(absolute.relative_to(Path.cwd()) if absolute.is_relative_to(Path.cwd()) else absolute)
 
     folders = {Path(path).parent for path in paths.values()}
     if len(folders) == 1:
