@@ -40,7 +40,8 @@ FILENAME_FIELDS = ("track", "stem", "ext")
 class Separator:
     """A loaded model plus how to apply it and how to write its stems.
 
-    checkpoint: our checkpoint or a published BSMamba2 one; None = the bundled pretrained model.
+    checkpoint: our checkpoint or a published BSMamba2 one, or a `bsmamba2 export` .onnx file (run by onnxruntime);
+    None = the bundled pretrained model.
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
     model: instead of a checkpoint, a model from the registry by name (downloaded on first use).
     config: a Config or YAML path that overrides the checkpoint's own config.

@@ -10,6 +10,7 @@ the config's inference length (8 s), batch 1, cut from the bundled example song.
 reused by later runs (their export time is then not measured again).
 """
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -59,7 +60,9 @@ def quantized(path: Path) -> Path:
 
     out = path.with_name(path.stem + ".int8.onnx")
     if not out.exists():
+        logging.disable(logging.WARNING)  # the quantizer's advice to pre-process the graph first
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        logging.disable(logging.NOTSET)
         model = onnx.load(str(out))
         del model.metadata_props[:]
         model.metadata_props.extend(onnx.load(str(path), load_external_data=False).metadata_props)

@@ -4,6 +4,9 @@
         ─depth × [BiMamba2 over time, BiMamba2 over bands]→ RMSNorm
         ─per stem: per band MLP → GLU → complex mask → × mixture STFT ─iSTFT→ (b, stems, c, s)
 
+Everything between the STFT and the iSTFT is `separate_spectrogram`, on real tensors: what `bsmamba2 export`
+writes as ONNX.
+
 Module and parameter names equal those of the published checkpoints (layers.i.0 = time block, layers.i.1 = band
 block, band_split.to_features.k, mask_estimators.s.to_freqs.k, final_norm), so those load as they are.
 """
