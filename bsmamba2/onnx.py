@@ -46,14 +46,18 @@ MIN_AGREEMENT_DB = 60.0
 def export_onnx(model: BSMamba2, path: Union[str, Path], chunk_seconds: Optional[float] = None) -> float:
     """Write `model`'s network for chunks of `chunk_seconds` (default: its config's inference chunk) to `path`,
     once onnxruntime's output on a chunk of noise agrees with PyTorch's; returns that agreement in dB."""
-    _require("onnxscript", "exporting to ONNX")
+    for module in ("onnxscript", "onnxruntime"):  # the exporter; the check of its output
+        _require(module, "exporting to ONNX")
     config = copy.deepcopy(model.config)
     if chunk_seconds is not None:
         config.inference.chunk_seconds = chunk_seconds
         config.validate()
+    samples = chunk_length(config.inference.chunk_seconds, model.sample_rate)
+    if samples < model.n_fft:
+        raise BSMamba2Error(f"chunk {config.inference.chunk_seconds} s: shorter than one STFT window "
+                            f"({model.n_fft} samples)")
     # noise chunks: two to export with, three to check the dynamic batch
-    mixture = torch.randn(3, model.audio_channels, chunk_length(config.inference.chunk_seconds, model.sample_rate),
-                          generator=torch.Generator().manual_seed(0))
+    mixture = torch.randn(3, model.audio_channels, samples, generator=torch.Generator().manual_seed(0))
     spec = stft(mixture, model.n_fft, model.hop_length, model.window.cpu())
     network = _SpectrogramNetwork(model).cpu().eval()
     mixers = [module for module in model.modules() if isinstance(module, Mamba2)]

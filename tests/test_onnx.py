@@ -146,16 +146,21 @@ def test_options_that_cannot_apply_to_an_export_are_refused(tiny, tmp_path, caps
         Separator(path, "cpu", chunk_seconds=2.0)
     with pytest.raises(BSMamba2Error, match="an ONNX model carries its own config"):
         Separator(path, "cpu", config=tiny_config())
+    err = one_line_error(capsys, ["export", str(checkpoint), str(tmp_path / "short.onnx"), "--chunk", "0.005"])
+    assert "chunk 0.005 s: shorter than one STFT window (256 samples)" in err
     err = one_line_error(capsys, ["export", str(checkpoint), str(path)])
     assert "already exists (use --force to overwrite)" in err
     err = one_line_error(capsys, ["export", "--model", "synth-vocals", str(checkpoint), str(tmp_path / "x.onnx")])
     assert "choose either CHECKPOINT or --model" in err
 
 
-def test_without_onnxruntime_one_line_says_how_to_install_it(tiny, monkeypatch):
+def test_without_onnxruntime_one_line_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     with pytest.raises(BSMamba2Error, match=r'running ONNX models needs onnxruntime: pip install "bsmamba2\[onnx\]"'):
         Separator(tiny[1], "cpu")
+    err = one_line_error(capsys, ["export", str(tiny[0]), str(tmp_path / "x.onnx")])
+    assert 'exporting to ONNX needs onnxruntime: pip install "bsmamba2[onnx]"' in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_the_example_separates_without_this_package_or_torch(bundled, tmp_path):
