@@ -249,6 +249,10 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     layout, so a channel-last view of a projection needs no transposed copy."""
     width = weight.shape[1]
     seqlen = x.shape[-1]
+    if _is_exporting():  # one Conv node: in the graph, each in-place shifted update below is a scatter and transposes
+        y = F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1),
+                     None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+        return F.silu(y) if activation in ("silu", "swish") else y
     taps = weight.to(x.dtype).unsqueeze(-1)                                       # (dim, width, 1)
     y = x * taps[:, -1] if bias is None else torch.addcmul(bias.to(x.dtype)[:, None], x, taps[:, -1])
     for shift in range(1, min(width, seqlen)):
