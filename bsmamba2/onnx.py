@@ -46,8 +46,9 @@ OPSET = 20  # the ONNX operator set the export targets (onnxruntime ≥ 1.17 run
 
 
 def export_onnx(model: BSMamba2, path: Union[str, Path], chunk_seconds: Optional[float] = None) -> float:
-    """Write `model`'s network for chunks of `chunk_seconds` (default: its config's inference chunk) to `path`,
-    once onnxruntime's output on a chunk of noise agrees with PyTorch's; returns that agreement in dB."""
+    """Write the network of `model` (on the CPU) for chunks of `chunk_seconds` (default: its config's inference
+    chunk) to `path`, once onnxruntime's output on chunks of noise agrees with PyTorch's; returns that agreement
+    in dB."""
     for module in ("onnxscript", "onnxruntime"):  # the exporter; the check of its output
         _require(module, "exporting to ONNX")
     config = copy.deepcopy(model.config)
@@ -60,8 +61,8 @@ def export_onnx(model: BSMamba2, path: Union[str, Path], chunk_seconds: Optional
                             f"({model.n_fft} samples)")
     # noise chunks: two to export with, three to check the dynamic batch
     mixture = torch.randn(3, model.audio_channels, samples, generator=torch.Generator().manual_seed(0))
-    spec = stft(mixture, model.n_fft, model.hop_length, model.window.cpu())
-    network = _SpectrogramNetwork(model).cpu().eval()
+    spec = stft(mixture, model.n_fft, model.hop_length, model.window)
+    network = _SpectrogramNetwork(model).eval()
     mixers = [module for module in model.modules() if isinstance(module, Mamba2)]
     backends = [mixer.scan_backend for mixer in mixers]
     try:
@@ -76,12 +77,12 @@ def export_onnx(model: BSMamba2, path: Union[str, Path], chunk_seconds: Optional
     finally:
         for mixer, backend in zip(mixers, backends):
             mixer.scan_backend = backend
-    proto = program.model_proto
-    proto.doc_string = "BSMamba2 between STFT and iSTFT: " + export_metadata(config)["output"]
-    for key, value in export_metadata(config).items():
+    proto, metadata = program.model_proto, export_metadata(config)
+    proto.doc_string = "BSMamba2 between STFT and iSTFT: " + metadata["output"]
+    for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     serialized = proto.SerializeToString()
-    session = _session(serialized)
+    session = _session(serialized, source=path)
     agreement = usdr(expected, session.run([OUTPUT], {INPUT: spec.numpy()})[0])
     if not agreement >= MIN_AGREEMENT_DB:
         raise BSMamba2Error(f"ONNX export: onnxruntime's output agrees with PyTorch's to {agreement:.1f} dB only "
@@ -194,7 +195,7 @@ def _quiet_loggers(*names: str):
             logger.setLevel(level)
 
 
-def _session(model, source=None):
+def _session(model, source):
     """An onnxruntime session on the CPU with as many threads as PyTorch uses (`runtime.setup_process`)."""
     onnxruntime = _require("onnxruntime", "running ONNX models")
     options = onnxruntime.SessionOptions()
