@@ -43,7 +43,8 @@ FILENAME_FIELDS = ("track", "stem", "ext", "input_ext", "folder")
 class Separator:
     """A loaded model plus how to apply it and how to write its stems.
 
-    checkpoint: our checkpoint or a published BSMamba2 one; None = the bundled pretrained model.
+    checkpoint: our checkpoint or a published BSMamba2 one, or a `bsmamba2 export` .onnx file (run by onnxruntime);
+    None = the bundled pretrained model.
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
     model: instead of a checkpoint, a model from the registry by name (downloaded on first use).
     config: a Config or YAML path that overrides the checkpoint's own config.
@@ -75,7 +76,13 @@ class Separator:
             checkpoint, registry_config = checkpoint_file(model, progress=progress)
             config = config if config is not None else registry_config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        self.model = load_model(self.checkpoint, config, self.device)
+        if self.checkpoint.suffix.lower() == ".onnx":  # a `bsmamba2 export` file, run by onnxruntime
+            from .onnx import OnnxModel
+
+            _check(config is None, "an ONNX model carries its own config: --config applies to checkpoints only")
+            self.model = OnnxModel(self.checkpoint, chunk_seconds)
+        else:
+            self.model = load_model(self.checkpoint, config, self.device)
         chosen = {"chunk_seconds": chunk_seconds, "overlap": overlap, "batch_size": batch_size}
         self.inference = dataclasses.replace(self.model.config.inference,
                                              **{key: value for key, value in chosen.items() if value is not None})

@@ -25,7 +25,7 @@ def apply_model(model: torch.nn.Module, blocks: Iterable[np.ndarray], *, chunk_s
                 batch_size: int = 1, tta: bool = False, device="cpu") -> Iterator[np.ndarray]:
     """Separate a stream of (channels, n) float32 blocks at `model.sample_rate` into (stems, channels, n) blocks
     whose lengths add up to exactly the input's."""
-    chunk = max(1, round(chunk_seconds * model.sample_rate))
+    chunk = chunk_length(chunk_seconds, model.sample_rate)
     fade = min(round(overlap * chunk), chunk - 1)
     chunks = PaddedChunks(blocks, chunk, step=chunk - fade, lead=fade)
     window = fade_window(chunk, fade)
@@ -40,6 +40,11 @@ def apply_model(model: torch.nn.Module, blocks: Iterable[np.ndarray], *, chunk_s
             if stop > start:
                 yield finished[..., start - position:stop - position]
             position += finished.shape[-1]
+
+
+def chunk_length(chunk_seconds: float, sample_rate: int) -> int:
+    """The samples in one chunk."""
+    return max(1, round(chunk_seconds * sample_rate))
 
 
 def fade_window(chunk: int, fade: int) -> np.ndarray:

@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": ("bsmamba2.evaluate", "separate a MUSDB18-HQ-style folder and score every stem (uSDR, cSDR)"),
     "benchmark": ("bsmamba2.benchmark", "time the scan backends side by side (and the whole model): speed, memory, error"),
     "models": ("bsmamba2.models_command", "list the known models (bundled and downloadable) and download them"),
+    "export": ("bsmamba2.export", "write a model as ONNX (the network between STFT and iSTFT) for onnxruntime"),
 }
 
 

@@ -90,8 +90,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="NAME",
                        help="a model from the registry (`bsmamba2 models` lists them); downloaded on first use")
-    which.add_argument("--checkpoint", help="a BSMamba2 checkpoint, ours or a published one "
-                       "(default: the bundled pretrained model)")
+    which.add_argument("--checkpoint", help="a BSMamba2 checkpoint, ours or a published one, or an .onnx file from "
+                       "`bsmamba2 export` (default: the bundled pretrained model)")
     model.add_argument("--config", help="YAML config overriding the one stored in the checkpoint")
     model.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto = CUDA, else MPS, else "
                        "CPU); under torchrun each rank takes cuda:LOCAL_RANK")

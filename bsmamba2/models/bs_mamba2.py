@@ -4,6 +4,9 @@
         ─depth × [BiMamba2 over time, BiMamba2 over bands]→ RMSNorm
         ─per stem: per band MLP → GLU → complex mask → × mixture STFT ─iSTFT→ (b, stems, c, s)
 
+Everything between the STFT and the iSTFT is `separate_spectrogram`, on real tensors: what `bsmamba2 export`
+writes as ONNX.
+
 Module and parameter names equal those of the published checkpoints (layers.i.0 = time block, layers.i.1 = band
 block, band_split.to_features.k, mask_estimators.s.to_freqs.k, final_norm), so those load as they are.
 """
@@ -99,19 +102,16 @@ class BSMamba2(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(batch, channels, samples) → (batch, stems, channels, samples), any number of samples."""
-        batch, channels, samples = wave.shape
-        if channels != self.audio_channels:
-            raise ValueError(f"expected {self.audio_channels} audio channels, got {channels}")
-        # centered STFT reflects n_fft/2 samples at each edge: give very short inputs room (zeros) to do so
-        padded = max(samples, self.n_fft)
-        wave = F.pad(wave.float(), (0, padded - samples))
+        if wave.shape[1] != self.audio_channels:
+            raise ValueError(f"expected {self.audio_channels} audio channels, got {wave.shape[1]}")
+        return through_spectrogram(wave, self.separate_spectrogram, self.n_fft, self.hop_length, self.window)
 
-        spec = torch.stft(wave.reshape(batch * channels, padded), self.n_fft, self.hop_length,
-                          window=self.window, return_complex=True)                  # (b·c, f, t)
-        frames = spec.shape[-1]
-        spec = spec.reshape(batch, channels, -1, frames).transpose(1, 2)           # (b, f, c, t)
-        spec = spec.reshape(batch, -1, frames)                                     # (b, f·c, t)
-        features = torch.view_as_real(spec).permute(0, 2, 1, 3).reshape(batch, frames, -1)
+    def separate_spectrogram(self, spec: torch.Tensor) -> torch.Tensor:
+        """The network between STFT and iSTFT, on real tensors (what `bsmamba2 export` writes as ONNX):
+        the mixture's STFT (batch, channels, freqs, frames, 2: real, imaginary) → the stems' STFTs
+        (batch, stems, channels, freqs, frames, 2), each the mixture's times a complex mask."""
+        batch, channels, freqs, frames, _ = spec.shape
+        features = spec.permute(0, 3, 2, 1, 4).reshape(batch, frames, -1)         # (b, t, f·c·2), channel fastest
 
         x = self.band_split(features)
         for layer in self.layers:
@@ -122,9 +122,25 @@ class BSMamba2(nn.Module):
         x = self.final_norm(x)
 
         masks = torch.stack([estimator(x) for estimator in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
-        masks = masks.float().reshape(batch, len(self.stems), frames, -1, 2).transpose(2, 3)
-        stems_spec = torch.view_as_complex(masks.contiguous()) * spec.unsqueeze(1)        # (b, n, f·c, t)
-        stems_spec = stems_spec.reshape(batch * len(self.stems), -1, channels, frames).transpose(1, 2)
-        stems_wave = torch.istft(stems_spec.reshape(-1, stems_spec.shape[2], frames), self.n_fft,
-                                 self.hop_length, window=self.window, length=padded)
-        return stems_wave.reshape(batch, len(self.stems), channels, padded)[..., :samples]
+        masks = masks.float().reshape(batch, len(self.stems), frames, freqs, channels, 2).permute(0, 1, 4, 3, 2, 5)
+        (mask_re, mask_im), (mix_re, mix_im) = masks.unbind(-1), spec.unsqueeze(1).unbind(-1)
+        return torch.stack([mask_re * mix_re - mask_im * mix_im, mask_re * mix_im + mask_im * mix_re], dim=-1)
+
+
+def through_spectrogram(wave: torch.Tensor, separate_spectrogram, n_fft: int, hop_length: int,
+                        window: torch.Tensor) -> torch.Tensor:
+    """STFT of (batch, channels, samples) → `separate_spectrogram` → iSTFT of each stem: (batch, stems, channels,
+    samples). The one STFT code for the network and for its ONNX export (`bsmamba2.onnx`)."""
+    samples = wave.shape[-1]
+    # centered STFT reflects n_fft/2 samples at each edge: give very short inputs room (zeros) to do so
+    padded = max(samples, n_fft)
+    stems_spec = separate_spectrogram(stft(F.pad(wave.float(), (0, padded - samples)), n_fft, hop_length, window))
+    stems_wave = torch.istft(torch.view_as_complex(stems_spec.flatten(0, 2).contiguous()), n_fft, hop_length,
+                             window=window, length=padded)
+    return stems_wave.unflatten(0, stems_spec.shape[:3])[..., :samples]
+
+
+def stft(wave: torch.Tensor, n_fft: int, hop_length: int, window: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, samples) → (batch, channels, freqs, frames, 2: real, imaginary), centred."""
+    spec = torch.stft(wave.flatten(0, 1), n_fft, hop_length, window=window, return_complex=True)
+    return torch.view_as_real(spec).unflatten(0, wave.shape[:2])

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from .scan_reference import discretize_dt, gate
 
+# True while torch.export traces (torch >= 2.5 says so; older versions do not export this model).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -93,13 +95,16 @@ class ChunkedScan(torch.autograd.Function):
         chunk_decay = torch.exp2(cs[:, :, -1])                        # (b, c, h)
         state = initial_states
         states = []
+        exporting = _is_exporting()
         for k in range(c):
-            if state is not None:
+            if state is not None and not exporting:
                 y[:, k].addcmul_(_state_output(C[:, k], state), torch.exp2(cs[:, k]).unsqueeze(-1))
             if k < n_states:
                 local = _chunk_state(u_to_end[:, k], B[:, k])
                 state = local if state is None else local.addcmul_(state, chunk_decay[:, k, :, None, None])
                 states.append(state)
+        if exporting:
+            y = _plus_entering_state_outputs(y, C, cs, [initial_states, *states][:c])
 
         ctx.save_for_backward(x, dt, A, B, C, D, initial_states, cs, *states)
         ctx.device_type = x.device.type
@@ -172,6 +177,18 @@ class ChunkedScan(torch.autograd.Function):
         return dx, ddt, dA, dB, dC, dD, d_initial, None
 
 
+def _plus_entering_state_outputs(y: torch.Tensor, C: torch.Tensor, cs: torch.Tensor, entering: list) -> torch.Tensor:
+    """y plus each chunk's output from the state it starts with (`entering`, one per chunk, None for none) in one
+    batched product: the sum that the forward's loop adds in place, for torch.export, where each in-place update
+    of a slice of y becomes a scatter into all of y (a graph, and an export time, that grow with c²)."""
+    first = 1 if entering[0] is None else 0
+    if first == len(entering):
+        return y
+    states = torch.stack(entering[first:], dim=1)                                      # (b, c', h, p, n)
+    out = _state_output(C[:, first:].flatten(0, 1), states.flatten(0, 1)).unflatten(0, states.shape[:2])
+    return torch.cat([y[:, :first], y[:, first:] + out * torch.exp2(cs[:, first:]).unsqueeze(-1)], dim=1)
+
+
 def _decay_matrix(cs: torch.Tensor) -> torch.Tensor:
     """(b, c, h, Q, Q): 2^(cs_t − cs_s) for s ≤ t, 0 above the diagonal. The differences above the diagonal
     (positive) are zeroed before exponentiating, and the results there zeroed after (tril_ is much faster than a
@@ -232,6 +249,10 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     layout, so a channel-last view of a projection needs no transposed copy."""
     width = weight.shape[1]
     seqlen = x.shape[-1]
+    if _is_exporting():  # one Conv node: in the graph, each in-place shifted update below is a scatter and transposes
+        y = F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1),
+                     None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+        return F.silu(y) if activation in ("silu", "swish") else y
     taps = weight.to(x.dtype).unsqueeze(-1)                                       # (dim, width, 1)
     y = x * taps[:, -1] if bias is None else torch.addcmul(bias.to(x.dtype)[:, None], x, taps[:, -1])
     for shift in range(1, min(width, seqlen)):
