@@ -1,4 +1,5 @@
-"""int8 inference (bsmamba2.quantize) and the process setup that load_model and Separator apply on the CPU."""
+"""CPU inference at the commands' speed from the Python API: int8 (bsmamba2.quantize), and the process setup that
+`import bsmamba2`, load_model and Separator apply."""
 import json
 import os
 import platform
@@ -77,9 +78,10 @@ def test_cli_refuses_int8_on_another_device_in_one_line(tmp_path):
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_loading_on_the_cpu_keeps_freed_memory_unless_opted_out(entry, opt_out):
     """In a child process (the setting is process-wide): after load_model or Separator, 256 MiB freed stay with
-    the process for the next tensors (resident), unless BSMAMBA2_KEEP_FREED_MEMORY=0."""
-    code = ("import json, os, torch\n"
-            "from bsmamba2 import Separator, load_model, runtime\n"
+    the process for the next tensors (resident), unless BSMAMBA2_KEEP_FREED_MEMORY=0. Importing bsmamba2 before
+    torch also gives OpenMP the commands' wait policy."""
+    code = ("from bsmamba2 import Separator, load_model, runtime\n"
+            "import json, os, torch\n"
             "def rss():\n"
             "    with open('/proc/self/statm') as file:\n"
             "        return int(file.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
@@ -87,11 +89,14 @@ def test_loading_on_the_cpu_keeps_freed_memory_unless_opted_out(entry, opt_out):
             "before = rss()\n"
             "big = torch.ones(64, 2 ** 20)\n"
             "del big\n"
-            "print(json.dumps({'kept_mb': (rss() - before) / 2 ** 20, 'setup': runtime.setup_process()}))\n")
-    env = {**os.environ, "BSMAMBA2_KEEP_FREED_MEMORY": "0" if opt_out else "1"}
+            "print(json.dumps({'kept_mb': (rss() - before) / 2 ** 20, 'setup': runtime.setup_process(),\n"
+            "                  'omp': os.environ.get('OMP_WAIT_POLICY')}))\n")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env["BSMAMBA2_KEEP_FREED_MEMORY"] = "0" if opt_out else "1"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["setup"]["keep_freed_memory"] is not opt_out
+    assert result["omp"] == "PASSIVE"
     if opt_out:
         assert result["kept_mb"] < 32
     else:
