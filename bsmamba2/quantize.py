@@ -3,17 +3,17 @@
     model = bsmamba2.load_model("model.ckpt", quantize="int8")     # = --quantize int8, Separator(quantize="int8")
 
 Each quantized layer keeps its weight as int8 with one scale per output channel; every call quantizes its input
-to 8 bits with one scale for the whole tensor (dynamic quantization) and multiplies in torch's int8 CPU kernels
-(fbgemm on x86, qnnpack on ARM), accumulating in int32 and returning float32. These are the kernels behind
-`torch.ao.quantization.quantize_dynamic`, called directly. That API is deprecated (torch 2.13 warns that it will
-be removed, pointing to torchao), and so are the quantized tensors the kernels' weight packing takes; but torchao's
-`quantize_`, the replacement, runs int8 eagerly on the CPU slower than float32: it is built for torch.compile
-(docs/performance.md has the measurements). So we use the kernels while torch has them, check on first use that
-they run, and refuse --quantize int8 in one line in a torch without them.
+to 8 bits (7 on some x86 CPUs: `_reduce_range`) with one scale for the whole tensor (dynamic quantization) and
+multiplies in torch's int8 CPU kernels (fbgemm on x86, qnnpack on ARM), accumulating in int32 and returning
+float32. These are the kernels behind `torch.ao.quantization.quantize_dynamic`, called directly. That API is
+deprecated (torch 2.13 warns that it will be removed, pointing to torchao), and so are the quantized tensors the
+kernels' weight packing takes; but torchao's `quantize_`, the replacement, runs int8 eagerly on the CPU slower
+than float32: it is built for torch.compile (docs/performance.md has the measurements). So we use the kernels
+while torch has them, check on first use that they run, and refuse --quantize int8 in one line without them.
 
-Which layers: the mixers' in_proj (dt projection included) and out_proj, which hold nearly all of the network's
+Which layers: the mixers' in_proj (dt projection included) and out_proj, which hold most of the network's
 matmul work. The band split, the mask estimators and the bidirectional merge stay float32: together a few
-percent of the work, and the band split and masks touch the spectrum directly.
+percent of the time, and the band split and masks touch the spectrum directly.
 """
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ def quantize_model(model: nn.Module, mode: Optional[str], device: torch.device) 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Int8Linear(getattr(parent, child)))
-    model.quantized = mode
     return model
 
 
