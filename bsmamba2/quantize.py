@@ -1,4 +1,4 @@
-"""int8 inference on the CPU: the Mamba2 projections as dynamically quantized int8 matmuls.
+"""int8 inference on the CPU: the Mamba2 blocks' projections as dynamically quantized int8 matmuls.
 
     model = bsmamba2.load_model("model.ckpt", quantize="int8")     # = --quantize int8, Separator(quantize="int8")
 
@@ -11,9 +11,9 @@ kernels' weight packing takes; but torchao's `quantize_`, the replacement, runs 
 than float32: it is built for torch.compile (docs/performance.md has the measurements). So we use the kernels
 while torch has them, check on first use that they run, and refuse --quantize int8 in one line without them.
 
-Which layers: the mixers' in_proj (dt projection included) and out_proj, which hold most of the network's
-matmul work. The band split, the mask estimators and the bidirectional merge stay float32: together a few
-percent of the time, and the band split and masks touch the spectrum directly.
+Which layers: in every bidirectional Mamba2 block, the mixers' in_proj (dt projection included) and out_proj
+and the merge of the two directions: most of the network's matmul work. The band split and the mask estimators
+stay float32: together about one percent of the time, and they touch the spectrum directly.
 """
 from __future__ import annotations
 
@@ -27,25 +27,25 @@ from torch import nn
 
 from .config import QUANTIZE_MODES
 from .errors import BSMamba2Error
+from .models.mamba2 import BidirectionalMamba2
 
-QUANTIZED_LAYERS = ("mixer.in_proj", "mixer.out_proj")  # suffixes of the quantized nn.Linear modules' names
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with an int8 weight (one scale per output channel) and inputs quantized per call; float32 in and
-    out, any leading dimensions. Inference only: it has no parameters to train or save."""
+    """A linear layer x·weightᵀ + bias with an int8 weight (one scale per output channel) and inputs quantized per
+    call; float32 in and out, any leading dimensions. Inference only: it has no parameters to train or save."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
         # torch's per-channel quantization wants float64 scales and int64 zero points
         scales = (weight.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # the deprecation of quantized tensors (module docstring): nothing to do
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
             quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float()
+        bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,12 +75,12 @@ def quantize_model(model: nn.Module, mode: Optional[str], device: torch.device) 
     if mode is None:
         return model
     check_quantize(mode, device)
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.endswith(QUANTIZED_LAYERS)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
+    for block in [module for module in model.modules() if isinstance(module, BidirectionalMamba2)]:
+        for mixer in (branch.mixer for branch in (*block.forward_blocks, *block.backward_blocks)):
+            mixer.in_proj = Int8Linear(mixer.in_proj.weight, mixer.in_proj.bias)
+            mixer.out_proj = Int8Linear(mixer.out_proj.weight, mixer.out_proj.bias)
+        # the merge is a kernel-1 ConvTranspose1d, weight (in, out, 1): a linear layer with weight (out, in)
+        block.linear = Int8Linear(block.linear.weight[:, :, 0].t(), block.linear.bias)
     return model
 
 
@@ -104,7 +104,7 @@ def int8_unavailable_reason() -> Optional[str]:
     if torch.backends.quantized.engine == "none":
         return f"torch {torch.__version__} has no quantized CPU engine"
     try:
-        Int8Linear(nn.Linear(4, 4))(torch.ones(1, 4))
+        Int8Linear(torch.ones(4, 4))(torch.ones(1, 4))
     except (AttributeError, RuntimeError, NotImplementedError) as error:
         return f"torch {torch.__version__} has no int8 CPU kernels ({str(error).splitlines()[0]})"
     return None

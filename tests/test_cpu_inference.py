@@ -32,8 +32,9 @@ def test_int8_agrees_with_float32_on_the_bundled_model():
     with torch.inference_mode():
         expected, got = fp32(wave).numpy(), int8(wave).numpy()
     quantized = [name for name, module in int8.named_modules() if isinstance(module, Int8Linear)]
-    assert len(quantized) == 4 * 2 * fp32.config.model.depth   # in_proj and out_proj of every mixer
-    assert all(name.endswith(("mixer.in_proj", "mixer.out_proj")) for name in quantized)
+    # per dual-path layer: 2 blocks × (2 mixers × (in_proj, out_proj) + the merge)
+    assert len(quantized) == 2 * 5 * fp32.config.model.depth
+    assert all(name.endswith(("mixer.in_proj", "mixer.out_proj", ".linear")) for name in quantized)
     assert not np.array_equal(got, expected)                   # it did run in int8
     assert sdr(expected, got) > MIN_SDR_VS_FP32
 
