@@ -6,7 +6,7 @@ forward comes to the machine's matmul speed.
     python scripts/profile_model.py --config configs/synth_vocals.yaml --modes fp32
 
 Times each part of one forward (median over --repeats, after a warm-up): STFT + iSTFT, band split, in_proj,
-causal conv, scan, norms and gate (the pre-norms, the gated norm, the final norm), out_proj, mask estimators, and
+causal conv, scan (over time, and over bands), norms and gate (the pre-norms, the gated norm, the final norm), out_proj, mask estimators, and
 the rest (the bidirectional merge, flips, reshapes, mask × spectrum). Then the forward's matmul work (counted by
 torch's FlopCounterMode) per second of its time, beside a plain matmul of the in_proj's shape measured in the same
 run (float32 `torch.matmul`; int8 the kernel `Int8Linear` calls). The process is set up as the commands set it
@@ -30,8 +30,8 @@ from bsmamba2.config import Config, load_config  # noqa: E402
 from bsmamba2.models import mamba2  # noqa: E402
 from bsmamba2.quantize import Int8Linear, quantize_model  # noqa: E402
 
-PARTS = ("STFT + iSTFT", "band split", "in_proj", "conv", "scan", "norms + gate", "out_proj", "mask estimators",
-         "rest")
+PARTS = ("STFT + iSTFT", "band split", "in_proj", "conv", "scan, time path", "scan, band path", "norms + gate",
+         "out_proj", "mask estimators", "rest")
 MODES = {"fp32": None, "int8": "int8"}
 
 
@@ -59,21 +59,27 @@ class PartTimer:
     def _stop(self, part: str, key) -> None:
         self.seconds[part] += time.perf_counter() - self.started.pop(id(key))
 
-    def wrap(self, part: str, function):
+    def wrap(self, part, function):
+        """`function`, timed into `part`: a name, or a function of the first argument that returns one."""
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - start
+                self.seconds[part(args[0]) if callable(part) else part] += time.perf_counter() - start
         return timed
 
 
 def profile(model, wave, repeats: int) -> dict:
     """Median seconds per part and for the whole forward."""
     timer = PartTimer(model)
+    bands = len(model.band_split.band_sizes)
+
+    def scan_path(x):  # x: (sequences, steps, heads, headdim); the band path's sequences are as long as the bands
+        return "scan, band path" if x.shape[1] == bands else "scan, time path"
+
     patched = {(torch, "stft"): "STFT + iSTFT", (torch, "istft"): "STFT + iSTFT",
-               (mamba2, "causal_conv1d"): "conv", (mamba2, "mamba_chunk_scan_combined"): "scan"}
+               (mamba2, "causal_conv1d"): "conv", (mamba2, "mamba_chunk_scan_combined"): scan_path}
     originals = {key: getattr(*key) for key in patched}
     runs = []
     try:
