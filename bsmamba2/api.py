@@ -35,7 +35,10 @@ from .runtime import resolve_device
 
 log = logging.getLogger("bsmamba2")
 
-FILENAME_FIELDS = ("track", "stem", "ext")
+# --filename's fields: the input's name without extension, the stem, the output's extension, the input's extension
+# (without the dot) and the input's folder relative to the folder or glob it was found under ("" for a file named
+# directly)
+FILENAME_FIELDS = ("track", "stem", "ext", "input_ext", "folder")
 
 
 class Separator:
@@ -50,7 +53,8 @@ class Separator:
     default for a model with one stem).
     chunk_seconds, overlap, batch_size: the overlap-add settings (default: the config's `inference` section).
     tta: also run each chunk with inverted polarity and swapped channels, and average.
-    file_format ("wav", "flac"), bit_depth ("16", "24", "32f"), filename (template with {track}, {stem}, {ext}),
+    file_format ("wav", "flac", "mp3", "ogg", "opus"), bit_depth ("16", "24" (default), "32f"; wav and flac only),
+    bitrate (kbps, lossy formats only), filename (template with the FILENAME_FIELDS, see `output_paths`),
     force (overwrite existing stems), jobs (≥ 2: decode in one thread and encode in jobs − 1 threads beside
     inference), progress (a tqdm bar per file).
     """
@@ -60,9 +64,9 @@ class Separator:
                  stems: Optional[list[str]] = None, two_stems: Optional[str] = None,
                  chunk_seconds: Optional[float] = None, overlap: Optional[float] = None,
                  batch_size: Optional[int] = None, tta: bool = False, file_format: str = "wav",
-                 bit_depth: str = "24", filename: str = "{track}/{stem}.{ext}", force: bool = False,
-                 jobs: int = 1, progress: bool = False):
-        check_output_format(file_format, bit_depth)
+                 bit_depth: Optional[str] = None, filename: str = "{track}/{stem}.{ext}", force: bool = False,
+                 jobs: int = 1, progress: bool = False, bitrate: Optional[int] = None):
+        check_output_format(file_format, bit_depth, bitrate)
         check_filename_template(filename)
         _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
         _check(model is None or checkpoint is None, "choose either a checkpoint or a model, not both")
@@ -84,7 +88,7 @@ class Separator:
             key, _, problem = str(error).partition(": ")
             option = key.rpartition(".")[2]
             raise BSMamba2Error(f"{option.replace('_', ' ')} {getattr(self.inference, option)}: {problem}") from None
-        self.tta, self.file_format, self.bit_depth = tta, file_format, bit_depth
+        self.tta, self.file_format, self.bit_depth, self.bitrate = tta, file_format, bit_depth, bitrate
         self.filename, self.force, self.jobs, self.progress = filename, force, jobs, progress
 
         available = ", ".join(self.model.stems)
@@ -123,16 +127,25 @@ class Separator:
         separated = np.concatenate(list(self._separate_blocks(blocks, int(sample_rate))), axis=-1)
         return {name: restore(stem) for name, stem in zip(self.outputs, separated)}
 
-    def separate_file(self, path: Union[str, Path], out_dir: Union[str, Path, None] = None) -> dict:
-        """Separate an audio file. With `out_dir`, write the stems there (named by the filename template) and
-        return their paths; without, return the stems as (channels, samples) float32 arrays."""
+    def separate_file(self, path: Union[str, Path], out_dir: Union[str, Path, None] = None, *, folder: str = "",
+                      only: Optional[Iterable[str]] = None) -> dict:
+        """Separate an audio file. With `out_dir`, write the stems there (named by the filename template, with
+        `folder` for its {folder} field) and return their paths; `only` writes just these of `self.outputs`
+        (the model still runs once over the whole track). Without `out_dir`, return the stems as (channels,
+        samples) float32 arrays."""
         path = Path(path)
+        only = list(self.outputs) if only is None else list(only)
+        for name in only:
+            _check(name in self.outputs, f"stem {name!r}: the outputs are {', '.join(self.outputs)}")
+        selected = [index for index, name in enumerate(self.outputs) if name in only]
         started = time.perf_counter()
         with AudioReader(path) as reader:
             writers = None
             if out_dir is not None:
-                writers = StemWriters(self.output_paths(path, out_dir), reader.sample_rate, reader.channels,
-                                      self.file_format, self.bit_depth, self.force, threads=self.jobs - 1)
+                paths = self.output_paths(path, out_dir, folder)
+                writers = StemWriters({self.outputs[index]: paths[self.outputs[index]] for index in selected},
+                                      reader.sample_rate, reader.channels, self.file_format, self.bit_depth,
+                                      self.force, threads=self.jobs - 1, bitrate=self.bitrate)
             blocks = reader.blocks()
             if self.jobs > 1:
                 blocks = prefetched(blocks)
@@ -145,7 +158,7 @@ class Separator:
                     if writers is None:
                         collected.append(block)
                     else:
-                        writers.write(block)
+                        writers.write(block[selected])
                     bar.update(block.shape[-1] / reader.sample_rate)
                 result = writers.commit() if writers else dict(zip(self.outputs, np.concatenate(collected, -1)))
             except BaseException:
@@ -157,12 +170,16 @@ class Separator:
                 bar.close()
             seconds = reader.frames_read / reader.sample_rate
         wall = time.perf_counter() - started
-        log.info("%s: %.1f s of audio in %.1f s, real-time factor %.3f", path, seconds, wall, wall / seconds)
+        log.debug("%s: %.1f s of audio in %.1f s, real-time factor %.3f", path, seconds, wall, wall / seconds)
         return result
 
-    def output_paths(self, path: Union[str, Path], out_dir: Union[str, Path]) -> dict[str, Path]:
-        """Where `separate_file(path, out_dir)` writes each stem."""
-        return {name: Path(out_dir) / self.filename.format(track=Path(path).stem, stem=name, ext=self.file_format)
+    def output_paths(self, path: Union[str, Path], out_dir: Union[str, Path], folder: str = "",
+                     filename: Optional[str] = None) -> dict[str, Path]:
+        """Where `separate_file(path, out_dir, folder=folder)` writes each stem (with `filename`: where it would
+        with that template)."""
+        path = Path(path)
+        return {name: Path(out_dir) / render_filename(filename or self.filename, track=path.stem, stem=name,
+                                                      ext=self.file_format, input_ext=path.suffix[1:], folder=folder)
                 for name in self.outputs}
 
     def _separate_blocks(self, blocks: Iterable[np.ndarray], sample_rate: int) -> Iterator[np.ndarray]:
@@ -224,14 +241,14 @@ class StemWriters:
     """The stem files of one track, written under temporary names and renamed together by `commit`. With
     `threads`, encoding runs in that many background threads (each file's blocks stay in order)."""
 
-    def __init__(self, paths: dict[str, Path], sample_rate: int, channels: int, file_format: str, bit_depth: str,
-                 force: bool, threads: int = 0):
+    def __init__(self, paths: dict[str, Path], sample_rate: int, channels: int, file_format: str,
+                 bit_depth: Optional[str], force: bool, threads: int = 0, bitrate: Optional[int] = None):
         for path in paths.values():
             refuse_overwrite(path, force)
         self.pools, self.pending, self.writers = [], deque(), {}
         try:
             for name, path in paths.items():
-                self.writers[name] = AudioWriter(path, sample_rate, channels, file_format, bit_depth)
+                self.writers[name] = AudioWriter(path, sample_rate, channels, file_format, bit_depth, bitrate)
         except BaseException:
             self.discard()
             raise
@@ -301,14 +318,19 @@ def prefetched(blocks: Iterable[np.ndarray], depth: int = 4) -> Iterator[np.ndar
         thread.join()
 
 
+def render_filename(template: str, **fields: str) -> Path:
+    """The template filled in, as a relative path; empty parts (an empty {folder}) and "." are dropped."""
+    parts = template.format(**fields).split("/")
+    return Path(*[part for part in parts if part not in ("", ".")])
+
+
 def check_filename_template(template: str) -> None:
-    """A relative path with only {track}, {stem} and {ext} fields."""
+    """A relative path with only the FILENAME_FIELDS."""
     try:
-        example = template.format(**{field: field for field in FILENAME_FIELDS})
+        example = Path(template.format(**{field: field for field in FILENAME_FIELDS}))
     except (KeyError, IndexError, ValueError) as error:
         raise BSMamba2Error(f"--filename {template!r}: bad template ({error}); the fields are "
                             + ", ".join("{%s}" % field for field in FILENAME_FIELDS)) from None
-    example = Path(example)
     _check(not example.is_absolute() and ".." not in example.parts and example.name,
            f"--filename {template!r}: must be a relative path inside the output folder")
 

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -24,8 +24,17 @@ log = logging.getLogger("bsmamba2")
 # What a folder search picks up: the containers libsndfile decodes.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf",
                     ".w64", ".rf64")
-OUTPUT_FORMATS = ("wav", "flac")
+# --format: (libsndfile's container, its codec for the lossy formats; None = PCM at --bit-depth)
+OUTPUT_FORMATS = {"wav": ("WAV", None), "flac": ("FLAC", None), "mp3": ("MP3", "MPEG_LAYER_III"),
+                  "ogg": ("OGG", "VORBIS"), "opus": ("OGG", "OPUS")}
 BIT_DEPTHS = {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}
+DEFAULT_BIT_DEPTH = "24"
+# --bitrate in kbps for the lossy formats: (lowest, highest) the encoder can be asked for
+BITRATES = {"mp3": (32, 320), "ogg": (64, 500), "opus": (12, 512)}
+DEFAULT_BITRATE = 320
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # the only rates an Opus stream has; others are written at 48 kHz
+# Vorbis encodes at a quality (VBR), not a bitrate: its nominal bitrates for 44.1 kHz stereo at quality 0, 0.1 … 1
+VORBIS_NOMINAL_KBPS = (64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 500)
 BLOCK_FRAMES = 1 << 16  # ≈ 1.5 s at 44.1 kHz per read
 
 
@@ -155,22 +164,34 @@ class AudioWriter:
     """Writes one audio file block by block under a temporary name in its folder; `commit()` renames it into
     place, `discard()` deletes it. A run that dies half-way never leaves a partial file under the final name.
 
-    Clipping: 32-bit float files are written as they are (values beyond ±1 kept); integer files are clipped to
-    full scale, counted, and reported once in a warning when the file is committed.
+    Clipping: 32-bit float files are written as they are (values beyond ±1 kept); integer and lossy files are
+    clipped to full scale, counted, and reported once in a warning when the file is committed.
+    Lossy formats (mp3, ogg, opus) take `bitrate` in kbps (default DEFAULT_BITRATE) instead of a bit depth; an
+    Opus file is written at 48 kHz unless `sample_rate` is one of OPUS_RATES.
     """
 
     def __init__(self, path: Union[str, Path], sample_rate: int, channels: int, file_format: str = "wav",
-                 bit_depth: str = "24"):
-        check_output_format(file_format, bit_depth)
+                 bit_depth: Optional[str] = None, bitrate: Optional[int] = None):
+        check_output_format(file_format, bit_depth, bitrate)
         self.path = Path(path)
         self.temporary = temporary_path(self.path)
         self.clip = bit_depth != "32f"
         self.clipped = 0
         self.peak = 0.0
+        container, codec = OUTPUT_FORMATS[file_format]
+        options = {"subtype": codec or BIT_DEPTHS[bit_depth or DEFAULT_BIT_DEPTH], "format": container}
+        self._resampler = None
+        if file_format == "opus" and sample_rate not in OPUS_RATES:
+            self._resampler = soxr.ResampleStream(sample_rate, 48000, channels, dtype="float32", quality="VHQ")
+            sample_rate = 48000
+        if codec is not None:
+            bitrate = bitrate or DEFAULT_BITRATE
+            options["compression_level"] = compression_level(file_format, bitrate, sample_rate, channels)
+            if file_format == "mp3":
+                options["bitrate_mode"] = "CONSTANT"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = sf.SoundFile(self.temporary, "w", samplerate=sample_rate, channels=channels,
-                                      subtype=BIT_DEPTHS[bit_depth], format=file_format.upper())
+            self._file = sf.SoundFile(self.temporary, "w", samplerate=sample_rate, channels=channels, **options)
         except (OSError, sf.LibsndfileError, RuntimeError) as error:
             reason = getattr(error, "strerror", None) or _libsndfile_reason(error)
             raise BSMamba2Error(f"cannot write to {self.path.parent}: {reason}") from None
@@ -183,9 +204,13 @@ class AudioWriter:
                 self.peak = max(self.peak, peak)
                 self.clipped += int((np.abs(block) > 1.0).sum())
                 block = np.clip(block, -1.0, 1.0)
-        self._file.write(block.T)
+        frames = np.ascontiguousarray(block.T)
+        self._file.write(self._resampler.resample_chunk(frames) if self._resampler else frames)
 
     def commit(self) -> Path:
+        if self._resampler is not None:
+            self._file.write(self._resampler.resample_chunk(np.zeros((0, self._file.channels), np.float32),
+                                                            last=True))
         self._file.close()
         os.replace(self.temporary, self.path)
         if self.clipped:
@@ -198,10 +223,43 @@ class AudioWriter:
         self.temporary.unlink(missing_ok=True)
 
 
-def check_output_format(file_format: str, bit_depth: str) -> None:
+def check_output_format(file_format: str, bit_depth: Optional[str] = None, bitrate: Optional[int] = None) -> None:
+    """The output options fit together and the libsndfile here can write the format (checked before any work).
+    A bit depth belongs to wav and flac (default DEFAULT_BIT_DEPTH), a bitrate to the lossy formats."""
     if file_format not in OUTPUT_FORMATS:
         raise BSMamba2Error(f"--format {file_format}: must be one of {', '.join(OUTPUT_FORMATS)}")
-    if bit_depth not in BIT_DEPTHS:
+    if bit_depth is not None and bit_depth not in BIT_DEPTHS:
         raise BSMamba2Error(f"--bit-depth {bit_depth}: must be one of {', '.join(BIT_DEPTHS)}")
     if file_format == "flac" and bit_depth == "32f":
         raise BSMamba2Error("--bit-depth 32f: FLAC stores integers only; use --format wav or --bit-depth 16/24")
+    lossy = file_format in BITRATES
+    if lossy and bit_depth is not None:
+        raise BSMamba2Error(f"--bit-depth {bit_depth}: {file_format} is lossy and has no bit depth; "
+                            "set its size with --bitrate")
+    if not lossy and bitrate is not None:
+        raise BSMamba2Error(f"--bitrate {bitrate}: {file_format} is lossless; --bitrate applies to "
+                            f"{', '.join(BITRATES)}")
+    if bitrate is not None and not BITRATES[file_format][0] <= bitrate <= BITRATES[file_format][1]:
+        raise BSMamba2Error(f"--bitrate {bitrate}: {file_format} takes {BITRATES[file_format][0]} to "
+                            f"{BITRATES[file_format][1]} kbps")
+    container, codec = OUTPUT_FORMATS[file_format]
+    if container not in sf.available_formats() or (codec and codec not in sf.available_subtypes(container)):
+        raise BSMamba2Error(f"--format {file_format}: the libsndfile here ({sf.__libsndfile_version__}) cannot "
+                            f"write {container}{f' {codec}' if codec else ''}; libsndfile >= 1.1 can, and the "
+                            "soundfile >= 0.12 wheels bundle it: pip install --upgrade soundfile")
+
+
+def compression_level(file_format: str, bitrate: int, sample_rate: int, channels: int) -> float:
+    """libsndfile's compression level, 0 (largest file) to 1 (smallest), that gives about `bitrate` kbps.
+
+    libsndfile spreads the level linearly over the encoder's range: for mp3 LAME's constant bitrates of the MPEG
+    version that the sample rate implies (LAME then takes the nearest standard bitrate), for Opus a target of
+    256 down to 6 kbps per channel; for Vorbis the level is 1 − quality."""
+    if file_format == "ogg":
+        quality = np.interp(bitrate, VORBIS_NOMINAL_KBPS, np.linspace(0, 1, len(VORBIS_NOMINAL_KBPS)))
+        return float(1 - quality)
+    if file_format == "mp3":
+        high, low = (320, 32) if sample_rate >= 32000 else (160, 8) if sample_rate >= 16000 else (64, 8)
+    else:
+        high, low = 256 * channels, 6 * channels
+    return min(max((high - bitrate) / (high - low), 0.0), 0.999)  # libsndfile refuses 1.0 for mp3

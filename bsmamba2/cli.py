@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from . import runtime
+from . import __version__, runtime
 from .errors import BSMamba2Error
 
 runtime.prepare_openmp()  # before `import torch`, which no module imports before this one runs
@@ -24,6 +24,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bsmamba2", description="BSMamba2 music source separation.")
+    parser.add_argument("--version", action="version", version=f"bsmamba2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -8,6 +8,7 @@ dict (`Config.to_dict()`), so a checkpoint loads without its YAML.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,14 @@ def apply_override(values: dict, override: str) -> None:
     if not sep or not dotted.strip():
         raise BSMamba2Error(f"--set {override!r}: expected section.key=value")
     keys = dotted.strip().split(".")
+    schema = Config  # the key is checked here, so that a typo is blamed on --set rather than on the YAML file
+    for depth, key in enumerate(keys):
+        if not dataclasses.is_dataclass(schema):
+            raise BSMamba2Error(f"--set {override!r}: {'.'.join(keys[:depth])} is not a section")
+        names = [f.name for f in dataclasses.fields(schema)]
+        if key not in names:
+            raise BSMamba2Error(f"--set {override!r}: {_unknown_key('.'.join(keys[:depth + 1]), names)}")
+        schema = typing.get_type_hints(schema)[key]
     node = values
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -309,9 +318,17 @@ def _build(cls, values: Any, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise _ConfigValueError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise _ConfigValueError(_unknown_key(prefix + unknown[0], names))
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in values.items()}
     return cls(**kwargs)
+
+
+def _unknown_key(dotted: str, names) -> str:
+    """`unknown key training.lrr (did you mean training.lr?; known: …)`."""
+    section, _, key = dotted.rpartition(".")
+    close = difflib.get_close_matches(key, names, n=1)
+    guess = f"did you mean {section + '.' if section else ''}{close[0]}?; " if close else ""
+    return f"unknown key {dotted} ({guess}known: {', '.join(sorted(names))})"
 
 
 def _convert(hint, value, key: str):

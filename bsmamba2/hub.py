@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import packaged_config_names
 from .errors import BSMamba2Error
+from .files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def _file_state(path: Path) -> list[str]:
 
 
 def _write_stamp(entry: ModelEntry, path: Path) -> None:
-    _stamp_path(path).write_text(" ".join([entry.sha256, *_file_state(path)]) + "\n")
+    write_text_atomic(_stamp_path(path), " ".join([entry.sha256, *_file_state(path)]) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- download

@@ -32,7 +32,9 @@ def list_tracks(root: PathLike, subset: str) -> list[Path]:
     """The track folders of `root/subset`, sorted by name (hidden folders ignored)."""
     root = Path(root)
     if not root.is_dir():
-        raise BSMamba2Error(f"data root {root} is not a directory")
+        relative = "" if root.is_absolute() else (f" (a relative path, taken from the working directory: "
+                                                   f"{root.resolve()})")
+        raise BSMamba2Error(f"data root {root} is not a directory{relative}")
     subset_dir = root / subset
     if not subset_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -8,8 +8,8 @@ Writes the paper model with random weights in the published checkpoints' layout 
 1. `bsmamba2.load_model(ckpt)` + `model(x)`: seconds per second of audio (median of --repeats forwards after a
    warm-up one) as loaded (glibc keeps freed memory), with BSMAMBA2_KEEP_FREED_MEMORY=0, and with quantize="int8";
    and with torch imported before bsmamba2 (too late for bsmamba2 to choose OpenMP's wait policy);
-2. the same audio file through `Separator.separate_file` and through `bsmamba2 separate` (the time each reports
-   for the file; the CLI's from its log line);
+2. the same audio file through `Separator.separate_file` and through `bsmamba2 separate` (the time each takes
+   for the file; the CLI's from its --json summary);
 3. the int8 output against the float32 one, as SDR in dB.
 Threads are set with OMP_NUM_THREADS in every child. Run it on an otherwise idle machine (the load average is
 printed before and after).
@@ -17,7 +17,6 @@ printed before and after).
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -102,11 +101,11 @@ def main() -> int:
         sf.write(song, 0.1 * noise, 44100)
         separator = child(SEPARATOR, checkpoint, song, folder / "api", env=env)["seconds"]
         done = subprocess.run([sys.executable, "-m", "bsmamba2", "separate", song, "--checkpoint", checkpoint,
-                               "--device", "cpu", "-o", folder / "cli"], capture_output=True, text=True, env=env)
-        found = re.search(r"of audio in ([\d.]+) s", done.stderr + done.stdout)
-        if done.returncode != 0 or not found:
+                               "--device", "cpu", "--threads", str(args.threads), "--json", "-o", folder / "cli"],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
             raise SystemExit(f"bsmamba2 separate failed:\n{done.stderr}")
-        cli = float(found.group(1))
+        cli = json.loads(done.stdout)["inputs"][0]["wall_seconds"]
 
     reference = rows["float32"]["output"]
     error = reference - rows["int8"]["output"]

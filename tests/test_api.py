@@ -79,6 +79,24 @@ def test_separate_file_writes_what_separate_returns(separator, checkpoint, tmp_p
         float_writer.separate_file(path, tmp_path / "out")
 
 
+def test_separate_file_writes_only_the_stems_asked_for_under_their_folder(checkpoint, tmp_path):
+    path = write_audio(tmp_path / "song.wav", noise(2, 8000, seed=5), 44100)
+    separator = Separator(checkpoint, device="cpu", chunk_seconds=0.5, bit_depth="32f",
+                          filename="{folder}/{track}_{input_ext}/{stem}.{ext}")
+    everything = separator.separate_file(path)
+    paths = separator.separate_file(path, tmp_path / "out", folder="live/2019", only=["drums"])
+    assert paths == {"drums": tmp_path / "out" / "live" / "2019" / "song_wav" / "drums.wav"}
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.*")) == ["drums.wav"]
+    written, _ = sf.read(paths["drums"], dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(written.T, everything["drums"])  # the drums of the full run, not another stem
+    assert separator.output_paths(path, tmp_path / "out")["vocals"] == tmp_path / "out" / "song_wav" / "vocals.wav"
+    both = separator.separate_file(path, tmp_path / "both", only=["drums", "vocals"])  # in any order
+    for name, stem_path in both.items():
+        np.testing.assert_array_equal(sf.read(stem_path, dtype="float32", always_2d=True)[0].T, everything[name])
+    with pytest.raises(BSMamba2Error, match="^stem 'bass': the outputs are vocals, drums$"):
+        separator.separate_file(path, tmp_path / "out", only=["bass"])
+
+
 def test_silence_in_silence_out(separator):
     stems = separator.separate(np.zeros((2, 5000), np.float32), 44100)
     assert all(np.all(stem == 0) for stem in stems.values())

@@ -27,6 +27,11 @@ def test_help_does_not_import_torch(command):
     assert done.stdout.rstrip().endswith("ok") and "usage: bsmamba2" in done.stdout
 
 
+def test_version():
+    done = subprocess.run([sys.executable, "-m", "bsmamba2", "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"bsmamba2 {bsmamba2.__version__}\n")
+
+
 def test_openmp_threads_sleep_unless_told_otherwise():
     """Set by the command before torch loads; a value the user set is kept."""
     code = "import os, bsmamba2.cli; print(os.environ['OMP_WAIT_POLICY'])"

@@ -30,8 +30,6 @@ def test_round_trip_through_dict():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("training.lrr=1", "unknown key training.lrr"),
-    ("bogus.key=1", "unknown key bogus"),
     ("model.dim=abc", "model.dim: expected an integer"),
     ("model.gradient_checkpointing=3", "model.gradient_checkpointing: expected true or false"),
     ("model.band_widths=[1, 2]", "model.band_widths: must be positive and sum to n_fft/2+1 = 1025"),
@@ -51,6 +49,26 @@ def test_bad_values_name_the_key_and_file(override, message):
     assert "\n" not in str(error.value)
     if "section.key" not in message:
         assert CONFIGS[0] in str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.lrr=1", "--set 'training.lrr=1': unknown key training.lrr (did you mean training.lr?; known: "),
+    ("trainign.lr=1", "--set 'trainign.lr=1': unknown key trainign (did you mean training?; known: audio, data, "),
+    ("bogus.key=1", "--set 'bogus.key=1': unknown key bogus (known: audio, data, inference, model, training)"),
+    ("model.dim.x=1", "--set 'model.dim.x=1': model.dim is not a section"),
+])
+def test_a_typo_in_set_is_blamed_on_set_with_a_guess(override, message):
+    """Not on the YAML file, which has no such key."""
+    with pytest.raises(BSMamba2Error) as error:
+        load_config(CONFIGS[0], [override])
+    assert str(error.value).startswith(message) and CONFIGS[0] not in str(error.value)
+
+
+def test_a_typo_in_the_yaml_file_is_blamed_on_it_with_a_guess(tmp_path):
+    (tmp_path / "typo.yaml").write_text("inference:\n  chunk_second: 4\n")
+    with pytest.raises(BSMamba2Error, match=r"typo.yaml: unknown key inference.chunk_second \(did you mean "
+                                            r"inference.chunk_seconds\?; known: batch_size, chunk_seconds, overlap\)$"):
+        load_config(tmp_path / "typo.yaml")
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

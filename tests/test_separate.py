@@ -15,7 +15,7 @@ import yaml
 
 from bsmamba2.cli import main
 from bsmamba2.pretrained import example_song
-from bsmamba2.separate import find_inputs
+from bsmamba2.separate import Input, find_inputs
 from separation_fixtures import noise, save_tiny_checkpoint, tiny_config, write_audio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,8 @@ def test_existing_stems_are_kept_without_force_and_options_apply(workspace, main
     before = vocals.stat().st_mtime_ns
     script = subprocess.run([sys.executable, str(REPO / "separate.py"), "inputs/stereo44.wav", "--checkpoint",
                              "tiny.ckpt", "-o", "out"], cwd=workspace, capture_output=True, text=True)
-    assert script.returncode == 1 and f"{Path('out/stereo44/vocals.wav')} already exists (use --force" in script.stderr
+    assert script.returncode == 0, script.stderr
+    assert "inputs/stereo44.wav: skipped, its stems are there: out/stereo44/ (vocals.wav, drums.wav)" in script.stderr
     assert vocals.stat().st_mtime_ns == before
 
     result = separate("inputs/stereo44.wav", "inputs/mono22.flac", "--checkpoint", "tiny.ckpt", "-o", "out",
@@ -141,24 +142,31 @@ def test_input_search(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.wav", "b.MP3", "notes.txt", "sub/c.flac"):
         (tmp_path / name).touch()
-    files, problems = find_inputs([str(tmp_path), str(tmp_path / "a.wav"), str(tmp_path / "*.flac")], False)
-    assert files == [tmp_path / "a.wav", tmp_path / "b.MP3"] and problems == [f"{tmp_path}/*.flac: no file "
-                                                                              "matches this pattern"]
+    pattern = str(tmp_path / "*.flac")
+    files, problems = find_inputs([str(tmp_path), str(tmp_path / "a.wav"), pattern], False)
+    assert files == [Input(tmp_path / "a.wav"), Input(tmp_path / "b.MP3")]
+    assert problems == [(pattern, f"{pattern}: no file matches this pattern")]
+    # {folder}: relative to the folder, or to the part of a pattern before its first wildcard
     files, problems = find_inputs([str(tmp_path / "**" / "*.flac"), str(tmp_path / "sub")], True)
-    assert files == [tmp_path / "sub" / "c.flac"] and problems == []
+    assert files == [Input(tmp_path / "sub" / "c.flac", "sub")] and problems == []
+    files, problems = find_inputs([str(tmp_path)], True)
+    assert [item.folder for item in files] == ["", "", "sub"]
     files, problems = find_inputs([str(tmp_path / "sub" / "missing.wav")], False)
-    assert files == [tmp_path / "sub" / "missing.wav"]  # reported when opened, with the other unreadable files
+    assert files == [Input(tmp_path / "sub" / "missing.wav")]  # reported when opened, like any unreadable file
 
 
 def test_inputs_whose_stems_would_collide_and_no_input_means_the_example(workspace, capsys):
-    """In process (no subprocess needed): the second of two tracks named alike is refused, not overwritten."""
+    """In process (no subprocess needed): two tracks named alike stop the run before any work, and the message
+    gives a template that tells them apart."""
     (workspace / "again").mkdir(exist_ok=True)
     write_audio(workspace / "again" / "stereo44.flac", noise(2, 4000), 44100)
     out = workspace / "out_collide"
     status = main(["separate", str(workspace / "inputs" / "stereo44.wav"), str(workspace / "again" / "stereo44.flac"),
                    "--checkpoint", str(workspace / "tiny.ckpt"), "-o", str(out), "--quiet"])
-    assert status == 1 and (out / "stereo44" / "vocals.wav").exists()
-    assert "again/stereo44.flac: its stems would overwrite those of" in capsys.readouterr().err
+    assert status == 2 and not out.exists()
+    assert capsys.readouterr().err == (
+        f"bsmamba2 separate: error: {workspace}/inputs/stereo44.wav and {workspace}/again/stereo44.flac would both "
+        f"write {out}/stereo44/vocals.wav: use --filename '{{track}}_{{input_ext}}/{{stem}}.{{ext}}'\n")
     # no input: the bundled example song
     assert main(["separate", "--checkpoint", str(workspace / "tiny.ckpt"), "-o", str(out), "--quiet"]) == 0
     assert sf.info(out / "example" / "vocals.wav").frames == sf.info(example_song()).frames
@@ -191,7 +199,7 @@ def test_bad_model_and_output_folder(workspace):
     assert result.stderr.count("cannot write to a_file/out") == 2 + 2  # at the time, and in the final list
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_run_leaves_no_stem_under_its_final_name(workspace, how):
     long = workspace / "two_minutes.wav"
     if not long.exists():
@@ -207,10 +215,13 @@ def test_an_interrupted_run_leaves_no_stem_under_its_final_name(workspace, how):
             break
         time.sleep(0.05)
     process.send_signal(how)
+    if how == signal.SIGINT:  # the first Ctrl-C lets the file in progress finish; a second one stops at once
+        time.sleep(0.5)
+        process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
     assert not (out / "two_minutes" / "vocals.wav").exists() and not (out / "two_minutes" / "drums.wav").exists()
-    if how == signal.SIGINT:
-        assert process.returncode == 130 and "interrupted" in stderr
+    if how != signal.SIGKILL:
+        assert process.returncode == 130 and "interrupted: 0 of 1 inputs done; run the same command again" in stderr
         assert not list(out.rglob("*partial*"))  # cleaned up on the way out
     else:
         assert process.returncode == -signal.SIGKILL and partial

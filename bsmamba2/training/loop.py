@@ -191,6 +191,8 @@ class Trainer:
         if main:
             best = f"; best validation uSDR {self.best_score:.2f} dB" if math.isfinite(self.best_score) else ""
             log.info("finished %d steps: %s%s", self.step, self.run_dir / LAST, best)
+            model = self.run_dir / (BEST if (self.run_dir / BEST).exists() else LAST)
+            log.info("separate with it: bsmamba2 separate song.wav --checkpoint %s", model)
         return 0
 
     def train_step(self, batches, stop_requested: bool = False, lap: Callable[[str], None] = _no_lap) -> StepResult:

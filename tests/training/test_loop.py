@@ -1,9 +1,11 @@
 """The training loop end to end on a tiny BSMamba2 and 8 kHz data the tests write: learning, exact resumption
 (in process, after SIGTERM and after SIGKILL), checkpoints, errors, non-finite steps, 2-process DDP on gloo."""
 import json
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -159,9 +161,10 @@ def test_missing_or_corrupt_last_checkpoint_is_one_line(data_root, tmp_path, cap
 
 def test_config_errors_are_one_line(data_root, tmp_path, capsys):
     config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root))
-    assert train(config_path, tmp_path / "run", "--set", "training.epochs=3") == 2
+    assert train(config_path, tmp_path / "run", "--set", "training.max_step=3") == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"bsmamba2 train: error: {config_path}: unknown key training.epochs (known: ")
+    assert error.startswith("bsmamba2 train: error: --set 'training.max_step=3': unknown key training.max_step "
+                            "(did you mean training.max_steps?; known: ")
     assert error.count("\n") == 1
     (tmp_path / "run").mkdir()
     stored = tiny_config(data_root, model={"dim": 32}).to_dict()
@@ -172,6 +175,32 @@ def test_config_errors_are_one_line(data_root, tmp_path, capsys):
     assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in error
     assert cli_main(["train", "--out", str(tmp_path / "run"), "--set", "model.dim=16", "--quiet"]) == 2
     assert f"model.dim is 16 but the run in {tmp_path / 'run'} was trained with 32" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_run_files_get_the_umask_permissions_and_the_last_line_says_how_to_use_them(data_root, tmp_path, caplog):
+    """A teammate on the same server can read the checkpoints (umask 002: group-writable, like any file saved)."""
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root, training={
+        "max_steps": 2, "validate_every": 2, "checkpoint_every": 2}))
+    previous = os.umask(0o002)
+    try:
+        with caplog.at_level(logging.INFO, logger="bsmamba2"):
+            assert cli_main(["train", "--config", str(config_path), "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(previous)
+    for name in ("last.ckpt", "best.ckpt", "config.yaml", "metrics.jsonl"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o664, name
+    assert f"bsmamba2 separate song.wav --checkpoint {tmp_path / 'run' / 'best.ckpt'}" in caplog.text
+
+
+def test_relative_data_root_that_is_not_there_says_where_it_was_looked_for(data_root, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root))
+    assert train(config_path, tmp_path / "run", "--set", "data.root=data/musdb") == 2
+    error = capsys.readouterr().err
+    assert error == ("bsmamba2 train: error: data root data/musdb is not a directory (a relative path, taken from "
+                     f"the working directory: {tmp_path.resolve() / 'data' / 'musdb'})\n")
 
 
 def test_init_starts_a_new_run_from_given_weights_and_refuses_other_shapes(data_root, tmp_path, capsys):
