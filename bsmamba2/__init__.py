@@ -6,7 +6,13 @@
 """
 import importlib
 
+from . import runtime as _runtime
+
 __version__ = "0.1.0"
+
+# OpenMP reads its wait policy when torch loads it: importing bsmamba2 first gives the Python API the commands'
+# choice (idle threads sleep; see runtime.prepare_openmp).
+_runtime.prepare_openmp()
 
 # Public names, imported on first use so that `import bsmamba2.config` (or the CLI's start) stays light.
 _EXPORTS = {

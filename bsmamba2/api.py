@@ -30,6 +30,7 @@ from .checkpoint import load_model
 from .errors import BSMamba2Error
 from .files import refuse_overwrite
 from .pretrained import default_checkpoint
+from .quantize import check_quantize
 from .runtime import resolve_device
 
 log = logging.getLogger("bsmamba2")
@@ -48,6 +49,7 @@ class Separator:
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
     model: instead of a checkpoint, a model from the registry by name (downloaded on first use).
     config: a Config or YAML path that overrides the checkpoint's own config.
+    quantize: "int8" runs the model's projections in int8 (CPU only; see `bsmamba2.quantize`).
     stems: write only these model stems. two_stems: write this stem and `no_<stem>` = mixture − stem (the
     default for a model with one stem).
     chunk_seconds, overlap, batch_size: the overlap-add settings (default: the config's `inference` section).
@@ -59,7 +61,7 @@ class Separator:
     """
 
     def __init__(self, checkpoint: Union[str, Path, None] = None, device: Union[str, torch.device] = "auto", *,
-                 model: Optional[str] = None, config=None,
+                 model: Optional[str] = None, config=None, quantize: Optional[str] = None,
                  stems: Optional[list[str]] = None, two_stems: Optional[str] = None,
                  chunk_seconds: Optional[float] = None, overlap: Optional[float] = None,
                  batch_size: Optional[int] = None, tta: bool = False, file_format: str = "wav",
@@ -70,6 +72,7 @@ class Separator:
         _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
         _check(model is None or checkpoint is None, "choose either a checkpoint or a model, not both")
         self.device = resolve_device(device)
+        check_quantize(quantize, self.device)  # before a download
         if model is not None:
             from .hub import checkpoint_file
 
@@ -80,9 +83,10 @@ class Separator:
             from .onnx import OnnxModel
 
             _check(config is None, "an ONNX model carries its own config: --config applies to checkpoints only")
+            _check(quantize is None, "--quantize applies to PyTorch checkpoints, not to an ONNX model")
             self.model = OnnxModel(self.checkpoint, chunk_seconds)
         else:
-            self.model = load_model(self.checkpoint, config, self.device)
+            self.model = load_model(self.checkpoint, config, self.device, quantize=quantize)
         chosen = {"chunk_seconds": chunk_seconds, "overlap": overlap, "batch_size": batch_size}
         self.inference = dataclasses.replace(self.model.config.inference,
                                              **{key: value for key, value in chosen.items() if value is not None})

@@ -23,7 +23,7 @@ import pickletools
 import types
 import zipfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import safetensors
 import safetensors.torch
@@ -34,6 +34,8 @@ from .config import Config, load_config
 from .errors import BSMamba2Error
 from .files import atomic_write
 from .models.bs_mamba2 import BSMamba2
+from .quantize import check_quantize, quantize_model
+from .runtime import setup_process
 
 log = logging.getLogger("bsmamba2")
 
@@ -53,12 +55,17 @@ def build_model(config: Config) -> BSMamba2:
 
 
 def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, str, Path, None] = None,
-               device: Union[str, torch.device] = "cpu") -> BSMamba2:
+               device: Union[str, torch.device] = "cpu", quantize: Optional[str] = None) -> BSMamba2:
     """A model in eval mode from a checkpoint (ours or a published one: torch, Lightning or safetensors); `config`
-    overrides the stored one.
+    overrides the stored one. quantize="int8": the projections run in int8 (CPU only; `bsmamba2.quantize`).
 
-    Without `checkpoint`, the bundled default model.
+    Without `checkpoint`, the bundled default model. On the CPU this sets up the process as the commands do
+    (`runtime.setup_process`: glibc keeps freed memory; BSMAMBA2_KEEP_FREED_MEMORY=0 opts out).
     """
+    device = torch.device(device)
+    check_quantize(quantize, device)
+    if device.type == "cpu":
+        setup_process()
     if checkpoint is None:
         from .pretrained import default_checkpoint
         checkpoint = default_checkpoint()
@@ -71,7 +78,7 @@ def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, 
         config = Config().validate()  # the defaults are the published vocals checkpoints' configuration
     model = build_model(config)
     model.load_state_dict(find_state_dict(payload, model, checkpoint))
-    return model.to(device).eval()
+    return quantize_model(model.to(device).eval(), quantize, device)
 
 
 def find_state_dict(payload: dict, model: torch.nn.Module, source) -> dict:

@@ -33,6 +33,8 @@ MUSDB18_VALID_TRACKS = [
 
 # The implementations of Mamba2's scan and causal conv (bsmamba2.ops.backends); `auto` picks one per device.
 SCAN_BACKENDS = ("torch", "torch+compile", "cuda", "triton", "reference")
+# What load_model(quantize=...) and --quantize accept (bsmamba2.quantize).
+QUANTIZE_MODES = ("int8",)
 
 
 @dataclass

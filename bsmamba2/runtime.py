@@ -2,7 +2,7 @@
 benchmark) and for the Python API.
 
     runtime.prepare_openmp()                    # first thing, before anything imports torch
-    runtime.setup_process()                     # a command's process: glibc keeps freed memory, logged once
+    runtime.setup_process()                     # a command's (or load_model's on CPU): glibc keeps freed memory
     env = runtime.TorchrunEnv.from_environ()    # rank, world size, local rank (one process: 0, 1, 0)
     device = runtime.resolve_device("auto", env.local_rank)
 
@@ -30,6 +30,7 @@ DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
+KEEP_FREED_MEMORY_ENV = "BSMAMBA2_KEEP_FREED_MEMORY"  # "0": leave malloc as it is in every entry point
 _process_setup: Optional[dict] = None  # what setup_process applied, once it has run
 
 
@@ -41,11 +42,12 @@ def prepare_openmp() -> None:
 
 
 def setup_process(keep_freed_memory: bool = True, threads: Optional[int] = None) -> dict:
-    """What a command decides for its whole process: glibc keeps freed memory for reuse (see
-    `_keep_freed_memory`), torch uses `threads` threads (default: torch's choice). The first call decides and logs
-    it; later calls change nothing. Returns what was applied."""
+    """What a command, or `load_model` on the CPU, decides for its whole process: glibc keeps freed memory for
+    reuse (see `_keep_freed_memory`; BSMAMBA2_KEEP_FREED_MEMORY=0 opts out), torch uses `threads` threads (default:
+    torch's choice). The first call decides and logs it; later calls change nothing. Returns what was applied."""
     global _process_setup
     if _process_setup is None:
+        keep_freed_memory = keep_freed_memory and os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() != "0"
         _process_setup = {"keep_freed_memory": keep_freed_memory and _keep_freed_memory(), "threads": None}
         if threads:
             set_threads(threads)

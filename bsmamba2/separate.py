@@ -28,6 +28,7 @@ import soundfile as sf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .audio import AUDIO_EXTENSIONS, BIT_DEPTHS, BITRATES, DEFAULT_BIT_DEPTH, DEFAULT_BITRATE, OUTPUT_FORMATS
+from .config import QUANTIZE_MODES
 from .errors import BSMamba2Error
 from .files import write_text_atomic
 from .runtime import DEVICE_NAMES, TorchrunEnv, resolve_device, setup_process
@@ -95,6 +96,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--config", help="YAML config overriding the one stored in the checkpoint")
     model.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto = CUDA, else MPS, else "
                        "CPU); under torchrun each rank takes cuda:LOCAL_RANK")
+    model.add_argument("--quantize", choices=QUANTIZE_MODES,
+                       help="int8: run the projections in int8, faster on the CPU (CPU only; default: float32)")
 
     chunking = parser.add_argument_group("chunked inference (defaults: the config's inference section)")
     chunking.add_argument("--chunk", type=float, metavar="SECONDS", help="chunk length in seconds")
@@ -113,7 +116,8 @@ def load_separator(args: argparse.Namespace, **options) -> "Separator":
     env = TorchrunEnv.from_environ()
     device = resolve_device(args.device, env.local_rank if env.world_size > 1 else None)
     return Separator(args.checkpoint, device, model=args.model, config=args.config, chunk_seconds=args.chunk,
-                     overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, **options)
+                     overlap=args.overlap, batch_size=args.batch_size, tta=args.tta, quantize=args.quantize,
+                     **options)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ..data import StreamBatches, TrainingSegments, ValidationTracks, split_trac
 from ..errors import BSMamba2Error
 from ..losses import MultiResolutionLoss
 from ..metrics import usdr
+from ..runtime import setup_process
 from .distributed import Distributed
 from .ema import EMA
 from .outputs import BEST, LAST, MetricsLog, capture_rng, code_version, restore_rng, save_checkpoint, write_config
@@ -104,6 +105,8 @@ class Trainer:
         training = config.training
         self.dist = Distributed(training.device)
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            setup_process()  # as load_model does: a Trainer made in Python trains and validates at the CLI's speed
         if not self.dist.is_main:  # one account of the run (scan backend, progress): the other ranks only warn
             log.setLevel(logging.WARNING)
         seed_everything(training.seed)  # the same initial weights on every rank
