@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,14 +35,18 @@ MODELS = {
 }
 
 
-def seconds_per_call(run, repeats: int) -> float:
-    run()  # warm-up: first-call allocations, onnxruntime's lazy initialisation
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def fastest_calls(runs: dict, repeats: int) -> dict:
+    """The fastest of `repeats` timed calls of each run, taken in turns (a run, then the next, ...) so that
+    load from other jobs falls on all of them alike; each is called once untimed first (first-call allocations,
+    onnxruntime's lazy initialisation)."""
+    times = {name: [] for name in runs}
+    for repeat in range(repeats + 1):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            if repeat:
+                times[name].append(time.perf_counter() - started)
+    return {name: min(values) for name, values in times.items()}
 
 
 def cpu_name() -> str:
@@ -84,7 +87,7 @@ def main() -> int:
     print(f"$ python {' '.join(sys.argv)}")
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}, load average {os.getloadavg()[0]:.2f} at start")
-    print("| model | export | runtime | s / chunk | × PyTorch's time | SDR against PyTorch |")
+    print("| model | export | runtime | s / chunk (fastest) | × PyTorch's time | SDR against PyTorch |")
     print("|---|---|---|---|---|---|")
     song, _ = sf.read(example_song(), dtype="float32", always_2d=True)
     for name in args.models.split(","):
@@ -98,16 +101,15 @@ def main() -> int:
             started = time.perf_counter()
             export_onnx(model, path)
             export = f"{time.perf_counter() - started:.0f} s"
+        runs = {"PyTorch": model, "onnxruntime fp32": OnnxModel(path), "onnxruntime int8": OnnxModel(quantized(path))}
         with torch.inference_mode():
             expected = model(wave).numpy()
-            pytorch = seconds_per_call(lambda: model(wave), args.repeats)
-        print(f"| {name} | {export} | PyTorch | {pytorch:.3f} | 1.00 | |")
-        for runtime, file in (("onnxruntime fp32", path), ("onnxruntime int8", quantized(path))):
-            onnx_model = OnnxModel(file)
-            with torch.inference_mode():
-                agreement = usdr(expected, onnx_model(wave).numpy())
-                took = seconds_per_call(lambda: onnx_model(wave), args.repeats)
-            print(f"| {name} | | {runtime} | {took:.3f} | {took / pytorch:.2f} | {agreement:.1f} dB |")
+            agreement = {runtime: usdr(expected, run(wave).numpy()) for runtime, run in runs.items()}
+            took = fastest_calls({runtime: lambda run=run: run(wave) for runtime, run in runs.items()}, args.repeats)
+        for runtime in runs:
+            agrees = "" if runs[runtime] is model else f"{agreement[runtime]:.1f} dB"
+            print(f"| {name} | {export if runtime == 'PyTorch' else ''} | {runtime} | {took[runtime]:.3f} | "
+                  f"{took[runtime] / took['PyTorch']:.2f} | {agrees} |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
