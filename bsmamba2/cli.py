@@ -7,10 +7,8 @@ import importlib
 import logging
 import sys
 
-from . import __version__, runtime
+from . import __version__  # importing the package set OpenMP's wait policy before torch loads
 from .errors import BSMamba2Error
-
-runtime.prepare_openmp()  # before `import torch`, which no module imports before this one runs
 
 COMMANDS = {
     # name: (module, one-line help)
