@@ -35,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         from . import server
     except ImportError as missing:
-        raise BSMamba2Error(f"the web app needs {missing.name}: pip install \"bsmamba2[ui]\"") from None
+        raise BSMamba2Error(f"the web app needs {missing.name.partition('.')[0]}: pip install \"bsmamba2[ui]\"") from None
     return server.run(args)
