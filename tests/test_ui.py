@@ -1,15 +1,9 @@
 """`bsmamba2 ui` through its HTTP interface: a real server on 127.0.0.1 with a tiny model."""
-import http.client
 import io
-import json
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from contextlib import contextmanager
-from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import pytest
@@ -24,49 +18,7 @@ from bsmamba2.cli import build_parser  # noqa: E402
 from bsmamba2.errors import BSMamba2Error  # noqa: E402
 from bsmamba2.ui import jobs, server  # noqa: E402
 from separation_fixtures import noise, save_tiny_checkpoint, write_audio  # noqa: E402
-
-TIMEOUT = 60
-
-
-@contextmanager
-def running_app(*flags):
-    """The app of `bsmamba2 ui --port 0 --no-browser FLAGS`, serving in a thread until the block ends."""
-    app = server.App(build_parser().parse_args(["ui", "--port", "0", "--no-browser", *flags]))
-    thread = threading.Thread(target=app.serve)
-    thread.start()
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not app.server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        yield app
-    finally:
-        app.server.should_exit = True
-        thread.join(TIMEOUT)
-
-
-@dataclass
-class Answer:
-    status_code: int
-    headers: http.client.HTTPMessage
-    content: bytes
-
-    def json(self):
-        return json.loads(self.content)
-
-
-def call(method, url, data=None, params=None, headers=None) -> Answer:
-    """One HTTP request; `data` may be bytes, a file or an iterable of bytes (sent chunked)."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port)
-    try:
-        target = parts.path + ("?" + urlencode(params) if params else "")
-        chunked = data is not None and not isinstance(data, bytes) and not hasattr(data, "read")
-        connection.request(method, target, body=data, headers=headers or {}, encode_chunked=chunked)
-        response = connection.getresponse()
-        return Answer(response.status, response.headers, response.read())
-    finally:
-        connection.close()
+from ui_server import TIMEOUT, call, running_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
