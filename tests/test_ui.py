@@ -1,9 +1,11 @@
 """`bsmamba2 ui` through its HTTP interface: a real server on 127.0.0.1 with a tiny model."""
 import io
+import signal
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +225,23 @@ def test_without_the_extra_the_command_says_what_to_install():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 2
     assert done.stderr == 'bsmamba2 ui: error: the web app needs starlette: pip install "bsmamba2[ui]"\n'
+
+
+def test_the_command_warns_off_loopback_and_ctrl_c_stops_it_cleanly(checkpoint):
+    command = subprocess.Popen([sys.executable, "-m", "bsmamba2", "ui", "--host", "0.0.0.0", "--port", "0",
+                                "--no-browser", "--checkpoint", str(checkpoint)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = command.stdout.readline()
+        assert ready.startswith("BSMamba2 is ready at http://0.0.0.0:"), command.stderr.read()
+        workdir = Path(ready.split("working folder ")[1].split(", deleted")[0])
+        assert workdir.is_dir()
+        local = ready.split()[4].replace("0.0.0.0", "127.0.0.1")
+        assert call("GET", local + "api/jobs").json() == []  # serving: Ctrl-C now goes to the server
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=TIMEOUT)
+    finally:
+        command.kill()
+    assert command.returncode == 0 and out == "BSMamba2 stopped\n"
+    assert "warning: --host 0.0.0.0 lets other machines on the network use this app" in err
+    assert not workdir.exists()

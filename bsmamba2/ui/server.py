@@ -14,6 +14,7 @@ raw request body rather than a form, so its size is counted as it streams in and
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import shutil
 import socket
@@ -246,14 +247,18 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("warning: --host %s lets other machines on the network use this app (and the files uploaded "
-                    "to it); it has no login", args.host)
     setup_process(threads=TorchrunEnv.from_environ().cpu_threads())  # as `bsmamba2 separate` does
     app = App(args)
-    print(f"BSMamba2 is ready at {app.url} (Ctrl-C stops it; working folder {app.workdir}"
-          f"{', kept' if args.keep else ', deleted at the end'})", flush=True)
+    if not ipaddress.ip_address(app.socket.getsockname()[0]).is_loopback:
+        log.warning("warning: --host %s lets other machines on the network use this app and read what is uploaded "
+                    "to it; it has no login", args.host)
+    print(f"BSMamba2 is ready at {app.url} (Ctrl-C stops it; working folder {app.workdir}, "
+          f"{'kept' if args.keep else 'deleted'} at the end)", flush=True)
     if not args.no_browser:
         webbrowser.open(app.url)
-    app.serve()
+    try:
+        app.serve()
+    except KeyboardInterrupt:  # uvicorn hands Ctrl-C on once it has shut down: the usual way to stop
+        pass
+    print("BSMamba2 stopped", flush=True)
     return 0
