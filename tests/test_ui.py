@@ -6,6 +6,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -183,6 +184,23 @@ def test_only_listed_files_are_served_and_removal_deletes_them(app, tmp_path):
     assert call("DELETE", f"{app.url}api/jobs/{job['id']}").status_code == 204
     assert not folder.exists() and call("GET", f"{app.url}api/jobs/{job['id']}").status_code == 404
     assert job["id"] not in [listed["id"] for listed in call("GET", app.url + "api/jobs").json()]
+
+
+def test_other_web_sites_cannot_read_or_change_the_jobs(app, tmp_path):
+    """A page of another site open in the same browser may send requests here: it is refused."""
+    song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=9), 44100)
+    rebound = call("GET", app.url + "api/jobs", headers={"Host": f"attacker.example:{urlsplit(app.url).port}"})
+    assert rebound.status_code == 400  # a name made to point at 127.0.0.1 (DNS rebinding) gets nothing
+    forged = call("POST", app.url + "api/jobs", params={"name": "song.wav"}, data=song.read_bytes(),
+                  headers={"Origin": "http://attacker.example"})
+    assert forged.status_code == 403 and forged.json() == {"error": "only this app's page may add jobs"}
+    ours = call("POST", app.url + "api/jobs", params={"name": "song.wav"}, data=song.read_bytes(),
+                headers={"Origin": app.url.rstrip("/")})
+    assert ours.status_code == 201
+    job_url = f"{app.url}api/jobs/{ours.json()['id']}"
+    assert call("DELETE", job_url, headers={"Origin": "http://attacker.example"}).status_code == 403
+    assert call("POST", job_url + "/cancel", headers={"Origin": "http://attacker.example"}).status_code == 403
+    assert wait(app, ours.json()["id"])["status"] == "done"
 
 
 def test_the_page_and_its_options(app):

@@ -95,5 +95,5 @@ def test_separate_the_example_in_the_page(browser, tmp_path):
         browser.find_element(By.ID, "files").send_keys(str(notes))
         failed = wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, ".job[data-status='failed']"))
         assert failed.find_element(By.CLASS_NAME, "status").text.startswith("notes.mp3: not an audio file")
-    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    assert len(errors) == 1 and "400" in errors[0]["message"], errors  # only the refused upload's answer
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert len(errors) == 1 and "400" in errors[0]["message"], errors  # only the refused upload's answer

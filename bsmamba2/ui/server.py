@@ -8,8 +8,11 @@
     DELETE /api/jobs/{id}                 forget it and delete its files
     GET    /api/jobs/{id}/files/{key}     a file the job lists (a stem, the mixture, a picture, stems.zip)
 
-Errors answer {"error": "<one line>"}: 400 bad input, 404 unknown job or file, 413 too large. The upload is the
-raw request body rather than a form, so its size is counted as it streams in and nothing parses it in memory.
+Errors answer {"error": "<one line>"}: 400 bad input, 403 a change asked by another site's page, 404 unknown job
+or file, 413 too large. The upload is the raw request body rather than a form, so its size is counted as it
+streams in and nothing parses it in memory. Other web sites open in the same browser are kept out: a request that
+changes something must come from this page (its Origin), and on a loopback address the app answers only to
+loopback names (so a site whose name is made to point at 127.0.0.1 cannot read the jobs).
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ import tempfile
 import webbrowser
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -45,6 +51,7 @@ CHECKPOINT = "--checkpoint"  # the model choice of `bsmamba2 ui --checkpoint PAT
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
                ".oga": "audio/ogg", ".opus": "audio/ogg", ".png": "image/png", ".zip": "application/zip"}
 MEGABYTE = 1 << 20
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 
 
 class UploadTooLarge(BSMamba2Error):
@@ -63,6 +70,7 @@ class Models:
         bundled = [name for name, entry in self.entries.items() if entry.package_file is not None]
         self.default = args.model or (CHECKPOINT if args.checkpoint else (bundled or list(self.entries))[0])
         self.loaded: tuple[Optional[Settings], object] = (None, None)
+        self.checkpoint_stems: list[str] = []  # known once the --checkpoint model has been loaded
 
     def check(self, name: str) -> None:
         if name != CHECKPOINT or not self.args.checkpoint:
@@ -79,21 +87,22 @@ class Models:
                 "config": self.args.config if settings.model == self.default else None})
             self.loaded = (settings, load_separator(chosen, two_stems=settings.two_stems,
                                                    file_format=settings.file_format, filename="{stem}.{ext}"))
+            if settings.model == CHECKPOINT:
+                self.checkpoint_stems = list(self.loaded[1].model.stems)
         return self.loaded[1]
 
     def describe(self, device_type: str) -> dict:
         choices = []
         if self.args.checkpoint:
-            stems = self.loaded[1].model.stems if self.loaded[1] is not None else []
-            choices.append({"id": CHECKPOINT, "label": Path(self.args.checkpoint).name, "stems": list(stems),
-                            "note": "--checkpoint"})
+            choices.append({"id": CHECKPOINT, "label": Path(self.args.checkpoint).name,
+                            "stems": self.checkpoint_stems, "note": "--checkpoint"})
         for name, entry in self.entries.items():
             if entry.package_file is not None:
                 note = "bundled"
             elif hub.is_cached(entry):
                 note = "downloaded"
             else:
-                note = f"downloads {entry.size / MEGABYTE:.0f} MB on first use" if entry.size else "downloads on first use"
+                note = f"downloads {entry.size / MEGABYTE:.0f} MB on first use" if entry.size else "downloads"
             choices.append({"id": name, "label": name, "stems": list(entry.stems), "note": note,
                             "description": entry.description})
         return {"models": choices, "default_model": self.default, "int8": device_type == "cpu",
@@ -112,12 +121,26 @@ def writable_formats() -> list[str]:
     return formats
 
 
-def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_mb: float) -> Starlette:
+def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_mb: float,
+               allowed_hosts: list[str]) -> Starlette:
     def error(message: str, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status)
 
+    def from_another_site(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+
     def find(request: Request) -> Optional[Job]:
         return queue.jobs.get(request.path_params["job_id"])
+
+    def job_to_change(request: Request, action: str) -> tuple[Optional[Job], Optional[Response]]:
+        """(the job, None), or (None, the refusal to answer)."""
+        job = find(request)
+        if job is None:
+            return None, error("no such job", 404)
+        if from_another_site(request):
+            return None, error(f"only this app's page may {action} jobs", 403)
+        return job, None
 
     def describe(job: Job) -> dict:
         return {**job.describe(), "position": queue.queue_position(job)}
@@ -129,16 +152,18 @@ def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_m
         return JSONResponse([describe(job) for job in list(queue.jobs.values())])
 
     async def submit(request: Request) -> Response:
+        if from_another_site(request):
+            return error("only this app's page may add jobs", 403)
         query = request.query_params
         name = query.get("name", "upload")
-        try:
-            models.check(query.get("model", models.default))
-            check_output_format(query.get("format", "wav"))
-        except BSMamba2Error as problem:
-            return error(str(problem))
         settings = Settings(model=query.get("model", models.default), two_stems=query.get("stems") or None,
                             file_format=query.get("format", "wav"), tta=query.get("tta") == "1",
                             quantize="int8" if query.get("int8") == "1" else None)
+        try:  # before the upload: the checks that need no audio
+            models.check(settings.model)
+            check_output_format(settings.file_format)
+        except BSMamba2Error as problem:
+            return error(str(problem))
         limit = max_upload_mb * MEGABYTE
         if int(request.headers.get("content-length") or 0) > limit:
             return error(UploadTooLarge(name, max_upload_mb).args[0], 413)
@@ -163,16 +188,16 @@ def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_m
         return JSONResponse(describe(job)) if job else error("no such job", 404)
 
     async def cancel(request: Request) -> Response:
-        job = find(request)
-        if job is None:
-            return error("no such job", 404)
+        job, refusal = job_to_change(request, "cancel")
+        if refusal is not None:
+            return refusal
         queue.cancel(job)
         return JSONResponse(describe(job))
 
     async def remove(request: Request) -> Response:
-        job = find(request)
-        if job is None:
-            return error("no such job", 404)
+        job, refusal = job_to_change(request, "remove")
+        if refusal is not None:
+            return refusal
         queue.remove(job)
         return Response(status_code=204)
 
@@ -197,7 +222,7 @@ def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_m
         Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"]),
         Route("/api/jobs/{job_id}/files/{key}", download),
         Mount("/static", StaticFiles(directory=STATIC)),
-    ])
+    ], middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)])
 
 
 class App:
@@ -215,11 +240,13 @@ class App:
         self.socket = listening_socket(args.host, args.port)
         host, port = self.socket.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        self.loopback = ipaddress.ip_address(host).is_loopback
         self.workdir = Path(tempfile.mkdtemp(prefix="bsmamba2-ui-"))
         self.queue = JobQueue(self.workdir, models.separator)
         page_options = {"device": device.type, "formats": writable_formats(), "default_format": "wav",
                         "max_upload_mb": args.max_upload_mb}
-        app = create_app(self.queue, models, page_options, args.max_upload_mb)
+        app = create_app(self.queue, models, page_options, args.max_upload_mb,
+                         LOOPBACK_NAMES if self.loopback else ["*"])
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
 
     def serve(self) -> None:
@@ -249,7 +276,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     setup_process(threads=TorchrunEnv.from_environ().cpu_threads())  # as `bsmamba2 separate` does
     app = App(args)
-    if not ipaddress.ip_address(app.socket.getsockname()[0]).is_loopback:
+    if not app.loopback:
         log.warning("warning: --host %s lets other machines on the network use this app and read what is uploaded "
                     "to it; it has no login", args.host)
     print(f"BSMamba2 is ready at {app.url} (Ctrl-C stops it; working folder {app.workdir}, "
