@@ -181,6 +181,9 @@ def test_only_listed_files_are_served_and_removal_deletes_them(app, tmp_path):
     for key in ("..%2f..%2f..%2fetc%2fpasswd", "mixture.wav", "stems", "vocals.wav", "%2e%2e"):
         assert fetch(app, job["id"], key).status_code == 404, key
     assert call("GET", f"{app.url}api/jobs/../../etc/passwd").status_code == 404
+    sneaky = wait(app, upload(app, song, name="../..").json()["id"])
+    with zipfile.ZipFile(io.BytesIO(fetch(app, sneaky["id"], "stems.zip").content)) as bundle:
+        assert sneaky["name"] == "upload" and bundle.namelist() == ["upload/vocals.wav", "upload/drums.wav"]
     assert call("DELETE", f"{app.url}api/jobs/{job['id']}").status_code == 204
     assert not folder.exists() and call("GET", f"{app.url}api/jobs/{job['id']}").status_code == 404
     assert job["id"] not in [listed["id"] for listed in call("GET", app.url + "api/jobs").json()]

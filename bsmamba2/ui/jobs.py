@@ -84,8 +84,10 @@ class Job:
 
 
 def display_name(name: str) -> str:
-    """The last part of a file name as a browser sends it (some send a Windows or a fake path)."""
-    return PureWindowsPath(PurePosixPath(name).name).name.strip() or "upload"
+    """The last part of a file name as a browser sends it (some send a Windows or a fake path); never a name that
+    means a folder, since it also names the track's folder in the zip."""
+    name = PureWindowsPath(PurePosixPath(name).name).name.strip()
+    return name if name.strip(".") else "upload"
 
 
 class JobQueue:
@@ -196,7 +198,7 @@ class JobQueue:
 
         stems = separator.separate_file(job.input, job.folder / "stems", on_progress=on_progress)
         job.status = "finishing"
-        extension = Path(next(iter(stems.values()))).suffix
+        extension = next(iter(stems.values())).suffix
         playable = job.input
         if job.input.suffix not in BROWSER_PLAYABLE:
             playable = job.folder / (MIXTURE + ".wav")
