@@ -53,7 +53,7 @@ class Cancelled(Exception):
     """Raised inside the worker between blocks when the job's cancel was asked for."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: found in the queue by identity
 class Job:
     id: str
     name: str  # the uploaded file's name, for the page and the download names
