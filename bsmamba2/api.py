@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Full, Queue
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -136,11 +136,13 @@ class Separator:
         return {name: restore(stem) for name, stem in zip(self.outputs, separated)}
 
     def separate_file(self, path: Union[str, Path], out_dir: Union[str, Path, None] = None, *, folder: str = "",
-                      only: Optional[Iterable[str]] = None) -> dict:
+                      only: Optional[Iterable[str]] = None,
+                      on_progress: Optional[Callable[[float, float], None]] = None) -> dict:
         """Separate an audio file. With `out_dir`, write the stems there (named by the filename template, with
         `folder` for its {folder} field) and return their paths; `only` writes just these of `self.outputs`
         (the model still runs once over the whole track). Without `out_dir`, return the stems as (channels,
-        samples) float32 arrays."""
+        samples) float32 arrays. `on_progress(seconds_done, seconds_total)` is called after each block; an
+        exception it raises stops the separation there, and no stem file is left behind."""
         path = Path(path)
         only = list(self.outputs) if only is None else list(only)
         for name in only:
@@ -161,6 +163,7 @@ class Separator:
             bar = tqdm(total=round(reader.seconds, 2), unit="s", desc=path.name, leave=False,
                        disable=not self.progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                        "{n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
+            frames_done = 0
             try:
                 for block in self._separate_blocks(blocks, reader.sample_rate):
                     if writers is None:
@@ -168,6 +171,9 @@ class Separator:
                     else:
                         writers.write(block[selected])
                     bar.update(block.shape[-1] / reader.sample_rate)
+                    frames_done += block.shape[-1]
+                    if on_progress is not None:
+                        on_progress(frames_done / reader.sample_rate, reader.seconds)
                 result = writers.commit() if writers else dict(zip(self.outputs, np.concatenate(collected, -1)))
             except BaseException:
                 if writers is not None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "benchmark": ("bsmamba2.benchmark", "time the scan backends side by side (and the whole model): speed, memory, error"),
     "models": ("bsmamba2.models_command", "list the known models (bundled and downloadable) and download them"),
     "export": ("bsmamba2.export", "write a model as ONNX (the network between STFT and iSTFT) for onnxruntime"),
+    "ui": ("bsmamba2.ui.command", "a web page on this machine: drop songs, follow them, listen to and download stems"),
 }
 
 

@@ -97,6 +97,26 @@ def test_separate_file_writes_only_the_stems_asked_for_under_their_folder(checkp
         separator.separate_file(path, tmp_path / "out", only=["bass"])
 
 
+def test_progress_is_reported_per_block_and_can_stop_the_file(checkpoint, tmp_path):
+    path = write_audio(tmp_path / "song.wav", noise(2, 44100 * 3, seed=6), 44100)
+    separator = Separator(checkpoint, device="cpu", chunk_seconds=0.5)
+    calls = []
+    separator.separate_file(path, tmp_path / "out", on_progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) >= 3 and calls[-1] == (3.0, 3.0)
+    assert all(0 < a[0] < b[0] for a, b in zip(calls, calls[1:])) and {total for _, total in calls} == {3.0}
+
+    class Stop(Exception):
+        pass
+
+    def stop_halfway(done, total):
+        if done > total / 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        separator.separate_file(path, tmp_path / "stopped", on_progress=stop_halfway)
+    assert not [p for p in (tmp_path / "stopped").rglob("*") if p.is_file()]  # no stem, not even a partial one
+
+
 def test_silence_in_silence_out(separator):
     stems = separator.separate(np.zeros((2, 5000), np.float32), 44100)
     assert all(np.all(stem == 0) for stem in stems.values())
