@@ -1,0 +1,563 @@
+"""The CUDA path checked on a real GPU in one run: mamba-ssm and causal-conv1d built from source for the GPU present,
+every scan backend against the reference, the network under each backend, a bf16 training step, `bsmamba2 separate
+--device cuda` and the scan benchmark. One JSON of results and a log; the exit status is 1 on any failure.
+
+    scripts/gpu_check.sh                 # on a CUDA machine, no network: wheels and sdists from gpu_wheels/
+    scripts/gpu_check.sh --dry-run       # the same pipeline on the CPU: no build, small shapes (about a minute)
+
+Stages, each bounded in time so that the whole run ends within --time-limit:
+  environment  a virtualenv that sees the running Python's packages (its torch), with the project installed in it
+               (editable) and what the project needs beyond those installed from the --wheels folder, offline;
+  build        causal-conv1d and mamba-ssm, in parallel, from their sdists in --wheels: setup.py's own -gencode list
+               removed so that torch compiles for the present GPU only (TORCH_CUDA_ARCH_LIST), *_FORCE_BUILD so
+               that setup.py never looks for a prebuilt wheel online, MAX_JOBS = all cores; a wheel built earlier for
+               the same GPU architecture and torch (the local version tag says which) is installed instead;
+  tests        `pytest -m cuda tests/ops`: every backend against `reference` (fp32 and bf16, outputs and gradients),
+               the mixer, the conv, and the paper network (stems vs the `torch` backend, a bf16 training step);
+  separate     `bsmamba2 separate --device cuda` on a generated song, its stems against `--device cpu`'s;
+  benchmark    `benchmark_mamba_ssm.py --json` on CUDA for every backend but torch+compile (its compiles take
+               minutes): mixer (with the whole model), time-path and band-path shapes, one run each.
+The dry run uses the CPU instances of the model-level and scan tests and the benchmark's --quick shapes instead.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import wave
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 2 ** 20
+OUT_FILE_LIMIT = 16 * MiB        # the largest file the GPU machine's $OUT brings back
+# distribution name → (its import and file name, the prefix of its setup.py's environment variables)
+KERNEL_PACKAGES = {"causal-conv1d": ("causal_conv1d", "CAUSAL_CONV1D"), "mamba-ssm": ("mamba_ssm", "MAMBA")}
+SETUP_GENCODE = re.compile(r'cc_flag\.append\("-gencode"\)\s*\n\s*cc_flag\.append\("arch=compute_\w+,code=sm_\w+"\)')
+MIN_SEPARATE_SDR_DB = 40.0       # stems from --device cuda against --device cpu's (other scan kernels, 16-bit files)
+BENCHMARK_MAX_ERROR = 1e-2       # the tests hold tight tolerances; this catches a gross error at the larger shapes
+# CUDA mode: the paper network on 3 s of audio; the dry run: the model test's small config and length.
+TEST_MODEL = {"BSMAMBA2_TEST_MODEL_CONFIG": "bsmamba2_vocals", "BSMAMBA2_TEST_AUDIO_SECONDS": "3"}
+
+
+class Run:
+    """What the stages share: paths, the deadline, the log, and the results written after every stage."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cuda = not args.dry_run
+        self.started = time.monotonic()
+        self.out = Path(args.out).resolve()
+        self.work = Path(args.work_dir).resolve()
+        self.venv = self.work / "venv"
+        self.python = self.venv / "bin" / "python"
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "gpu-check.log"
+        self.log_path.write_text("")
+        date = datetime.datetime.now(datetime.timezone.utc)
+        self.results = {"date": date.strftime("%Y-%m-%dT%H:%M:%SZ"), "mode": "cuda" if self.cuda else "dry-run",
+                        "command": " ".join(["scripts/gpu_check.sh", *sys.argv[1:]]), "passed": None, "stages": {}}
+        self.name_results(f"{date:%Y-%m-%d}-{'gpu' if self.cuda else 'cpu-dry-run'}.json")
+
+    def name_results(self, name: str) -> None:
+        """Where the JSON goes (renamed once the GPU is known: benchmarks/results/<date>-h200.json is its home)."""
+        previous = getattr(self, "results_path", None)
+        self.results_path = self.out / name
+        if previous is not None and previous.exists():
+            previous.replace(self.results_path)
+
+    def remaining(self) -> float:
+        return self.args.time_limit - (time.monotonic() - self.started)
+
+    def log(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.started:6.1f} s] {message}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as file:
+            file.write(line + "\n")
+
+    def record(self, stage: str, status: str, seconds: float, **details) -> dict:
+        self.results["stages"][stage] = {"status": status, "seconds": round(seconds, 1), **details}
+        self.log(f"{stage}: {status} in {seconds:.0f} s" + (f" ({details['reason']})" if "reason" in details else ""))
+        self.save()
+        return self.results["stages"][stage]
+
+    def save(self) -> None:
+        failed = [name for name, stage in self.results["stages"].items() if stage["status"] not in PASSING]
+        self.results["passed"] = not failed
+        self.results["failed_stages"] = failed
+        temporary = self.results_path.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(self.results, indent=2) + "\n")
+        temporary.replace(self.results_path)
+
+    def env(self, **extra) -> dict:
+        """The environment of every command: the venv first on PATH, then the running Python's own bin folder
+        (ninja, pip's console scripts), no stray BSMAMBA2_SCAN."""
+        env = {key: value for key, value in os.environ.items() if key != "BSMAMBA2_SCAN"}
+        env["PATH"] = os.pathsep.join([str(self.venv / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def run(self, name: str, command: list, timeout: float, **options) -> tuple:
+        """Run `command` with its output in logs/NAME.txt (then appended to the log). Returns (exit status, or None
+        if it was stopped at `timeout`; seconds; the output's lines)."""
+        output = self.work / "logs" / f"{name}.txt"
+        self.log(f"$ {' '.join(map(str, command))}   (at most {timeout:.0f} s)")
+        start = time.monotonic()
+        with open(output, "w") as file:
+            process = subprocess.Popen(list(map(str, command)), stdout=file, stderr=subprocess.STDOUT, cwd=REPO,
+                                       start_new_session=True, env=options.pop("env", None) or self.env(),
+                                       **options)
+            status = wait(process, timeout)
+        text = output.read_text(errors="replace")
+        with open(self.log_path, "a") as file:
+            file.write(text)
+        return status, time.monotonic() - start, text.strip().splitlines()
+
+
+PASSING = ("passed", "skipped")
+
+
+def wait(process: subprocess.Popen, timeout: float) -> Optional[int]:
+    """The exit status, or None after killing the process and its children at `timeout`."""
+    try:
+        return process.wait(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
+
+
+def stage_budget(run: Run, cap: float, keep: float) -> float:
+    """Seconds a stage may take: at most `cap`, leaving `keep` seconds for the stages after it."""
+    return min(cap, run.remaining() - keep)
+
+
+# ---- environment -----------------------------------------------------------------------------------------------
+
+def make_environment(run: Run) -> bool:
+    """A fresh venv whose .pth adds the running Python's site folders (a venv made from a venv would otherwise see
+    only the base interpreter's packages, not this one's torch), then `pip install -e .` offline."""
+    start = time.monotonic()
+    shutil.rmtree(run.venv, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(run.venv)], check=True,
+                       capture_output=True, text=True)
+        site_packages = Path(subprocess.check_output(
+            [str(run.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    except subprocess.CalledProcessError as error:
+        run.record("environment", "failed", time.monotonic() - start,
+                   reason=f"making the venv: {(error.stderr or str(error)).strip()[-500:]}")
+        return False
+    import site
+    folders = [folder for folder in site.getsitepackages() if Path(folder).is_dir()]
+    (site_packages / "_gpu_check_base.pth").write_text(
+        "".join(f"import site; site.addsitedir({folder!r})\n" for folder in folders))
+    wheels = Path(run.args.wheels).resolve()
+    command = [run.python, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--disable-pip-version-check",
+               "--find-links", wheels, "-e", REPO]
+    status, _, tail = run.run("environment", command, stage_budget(run, 180, 60))
+    if status != 0:
+        run.record("environment", "failed", time.monotonic() - start, reason=failure_reason(status, tail))
+        return False
+    installed = [line.split("Successfully installed ", 1)[1] for line in tail if "Successfully installed" in line]
+    run.record("environment", "passed", time.monotonic() - start, venv=str(run.venv), base_site=folders,
+               installed=installed[0].split() if installed else [])
+    return True
+
+
+def probe(run: Run) -> dict:
+    """Versions and devices as the venv's Python sees them (run there: this driver needs no torch)."""
+    output = subprocess.run([str(run.python), __file__, "--probe"], capture_output=True, text=True, cwd=REPO,
+                            env=run.env(), timeout=max(run.remaining(), 10))
+    lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
+    if output.returncode != 0 or not lines:
+        raise SystemExit(f"probing the environment failed: {output.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def describe_host() -> dict:
+    """Run by the venv's Python: versions, the device, and why each backend cannot run there (null: it can)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    from bsmamba2.config import SCAN_BACKENDS
+    from bsmamba2.ops.backends import unavailable_reason
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    capability = torch.cuda.get_device_capability() if cuda else None
+    nvcc = shutil.which("nvcc")
+    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1] \
+        if nvcc else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "capability": f"{capability[0]}.{capability[1]}" if cuda else None,
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1) if cuda else None,
+            "nvcc": nvcc_version, "cpu_count": os.cpu_count(),
+            **{name: version(name) for name in ("triton", "numpy", *KERNEL_PACKAGES)},
+            "backends_unavailable": {name: unavailable_reason(name, device) for name in SCAN_BACKENDS}}
+
+
+# ---- build -----------------------------------------------------------------------------------------------------
+
+def local_version(host: dict) -> str:
+    """The wheels' local version tag, naming what they were built for: e.g. sm90.torch2.11.0.cu130."""
+    return f"sm{host['capability'].replace('.', '')}.torch{re.sub(r'[^a-z0-9]+', '.', host['torch'].lower())}"
+
+
+def build_kernels(run: Run, host: dict) -> None:
+    """Both packages in parallel (each its own ninja, MAX_JOBS all cores: 14 translation units on 16 cores)."""
+    start = time.monotonic()
+    built = run.work / "wheels"
+    built.mkdir(exist_ok=True)
+    tag = local_version(host)
+    wheels = Path(run.args.wheels).resolve()
+    builds, results = {}, {}
+    for distribution, (name, prefix) in KERNEL_PACKAGES.items():
+        earlier = sorted(set(wheels.rglob(f"{name}-*+{tag}-*.whl")) | set(built.glob(f"{name}-*+{tag}-*.whl")))
+        if earlier:
+            results[distribution] = {"status": "prebuilt", "wheel": earlier[-1].name}
+            continue
+        try:
+            source = prepare_source(run, wheels, name)
+        except BuildError as error:
+            results[distribution] = {"status": "failed", "reason": str(error)}
+            continue
+        env = run.env(MAX_JOBS=str(os.cpu_count()), TORCH_CUDA_ARCH_LIST=host["capability"],
+                      **{f"{prefix}_FORCE_BUILD": "TRUE", f"{prefix}_LOCAL_VERSION": tag})
+        log = open(run.work / "logs" / f"build-{name}.txt", "w")
+        command = [str(run.python), "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+                   "--disable-pip-version-check", "-v", "--wheel-dir", str(built), str(source)]
+        run.log(f"building {source.name} for sm_{tag[2:4]} (log: {log.name})")
+        builds[distribution] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source, env=env,
+                                                 start_new_session=True), time.monotonic(), log, source)
+    budget = stage_budget(run, run.args.build_limit, 200)
+    for distribution, (process, began, log, source) in builds.items():
+        status = wait(process, budget - (time.monotonic() - start))
+        log.close()
+        seconds = round(time.monotonic() - began, 1)
+        text = Path(log.name).read_text(errors="replace")
+        with open(run.log_path, "a") as file:
+            file.write(f"---- build log of {distribution} (last 60 lines)\n" + "\n".join(text.splitlines()[-60:]) + "\n")
+        name = KERNEL_PACKAGES[distribution][0]
+        wheel = sorted(built.glob(f"{name}-*+{tag}-*.whl"))
+        if status == 0 and wheel:
+            results[distribution] = {"status": "built", "seconds": seconds, "wheel": wheel[-1].name,
+                                     "cu_files": len(list(source.rglob("*.cu")))}
+        else:
+            results[distribution] = {"status": "failed", "seconds": seconds,
+                                     "reason": failure_reason(status, text.splitlines(), compile_errors=True)}
+    for distribution, result in results.items():
+        if result["status"] in ("built", "prebuilt"):
+            install_wheel(run, distribution, result, wheels, built)
+    failed = [d for d, r in results.items() if r["status"] not in ("built", "prebuilt")]
+    run.record("build", "failed" if failed else "passed", time.monotonic() - start, packages=results,
+               **({"reason": f"{', '.join(failed)} not built"} if failed else {}))
+
+
+class BuildError(Exception):
+    pass
+
+
+def prepare_source(run: Run, wheels: Path, name: str) -> Path:
+    """Unpack the newest sdist of `name` and make its setup.py compile for the present GPU only."""
+    sdists = sorted(wheels.glob(f"{name}-*.tar.gz"), key=lambda path: version_key(path.name[len(name) + 1:-7]))
+    if not sdists:
+        raise BuildError(f"no {name}-*.tar.gz in {wheels} (scripts/gpu_wheels.sh fetches it)")
+    target = run.work / "src"
+    shutil.rmtree(target / sdists[-1].name[:-7], ignore_errors=True)
+    with tarfile.open(sdists[-1]) as archive:
+        members = [m for m in archive.getmembers() if m.isfile() or m.isdir()]   # no links out of the folder
+        archive.extractall(target, members=members)
+    source = target / sdists[-1].name[:-7]
+    setup = source / "setup.py"
+    text, count = SETUP_GENCODE.subn("pass", setup.read_text())
+    if count == 0:
+        raise BuildError(f"{setup.name} of {source.name} lists no -gencode flags where expected: cannot restrict "
+                         "the build to the present GPU")
+    setup.write_text(text)
+    return source
+
+
+def version_key(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", version))
+
+
+def install_wheel(run: Run, distribution: str, result: dict, wheels: Path, built: Path) -> None:
+    """pip install the wheel offline; a wheel built here is also copied to --out when small enough to come back."""
+    wheel = next(iter(sorted(wheels.rglob(result["wheel"])) or [built / result["wheel"]]))
+    status, _, tail = run.run(f"install-{distribution}", [run.python, "-m", "pip", "install", "--no-deps", "--no-index",
+                                                          "--disable-pip-version-check", wheel], 120)
+    if status != 0:
+        result.update(status="failed", reason="pip install: " + failure_reason(status, tail))
+        return
+    result["wheel_mib"] = round(wheel.stat().st_size / MiB, 1)
+    if result["status"] == "built":
+        if wheel.stat().st_size <= OUT_FILE_LIMIT:
+            shutil.copy2(wheel, run.out / wheel.name)
+            result["copied_to_out"] = True
+        else:
+            result["copied_to_out"] = False
+
+
+def failure_reason(status: Optional[int], lines: list, compile_errors: bool = False) -> str:
+    if status is None:
+        return "stopped at its time limit"
+    errors = [line.strip() for line in lines if compile_errors and re.search(r"\berror\b", line)]
+    return f"exit {status}: " + " | ".join((errors[:3] or [line.strip() for line in lines[-3:]]))[:1500]
+
+
+# ---- tests -----------------------------------------------------------------------------------------------------
+
+def run_tests(run: Run) -> None:
+    """pytest, its JUnit report read back into the results: each test's outcome and recorded numbers."""
+    report = run.work / "junit.xml"
+    if run.cuda:
+        selection, env = ["-m", "cuda", "tests/ops"], run.env(**TEST_MODEL)
+    else:
+        selection, env = ["-m", "not cuda", "tests/ops/test_backends_in_model.py",
+                          "tests/ops/test_scan_backends.py::test_backend_matches_reference"], run.env()
+    command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+               f"--junitxml={report}", *selection]
+    status, seconds, tail = run.run("tests", command, stage_budget(run, 300, 150), env=env)
+    cases = read_junit(report) if report.exists() else []
+    counts = {outcome: sum(case["outcome"] == outcome for case in cases) for outcome in ("passed", "failed", "skipped")}
+    passed = status == 0 and counts["passed"] > 0
+    run.record("tests", "passed" if passed else "failed", seconds, counts=counts, cases=cases,
+               **({} if passed else {"reason": failure_reason(status, tail)}))
+
+
+def read_junit(path: Path) -> list:
+    import xml.etree.ElementTree as ElementTree
+
+    cases = []
+    for case in ElementTree.parse(path).iter("testcase"):
+        outcome, message = "passed", None
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                message = (child.get("message") or "").splitlines()[0][:300] if child.get("message") else None
+        entry = {"test": f"{case.get('file', case.get('classname'))}::{case.get('name')}", "outcome": outcome,
+                 "seconds": round(float(case.get("time", 0)), 2)}
+        properties = {p.get("name"): number(p.get("value")) for p in case.iter("property")}
+        entry.update({"properties": properties} if properties else {})
+        entry.update({"message": message} if message else {})
+        cases.append(entry)
+    return cases
+
+
+def number(text: str):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+# ---- separate --------------------------------------------------------------------------------------------------
+
+def write_song(path: Path, seconds: float, rate: int = 44100) -> None:
+    """A stereo 16-bit WAV: a chord with vibrato in both channels, a pulse panned left, a little noise."""
+    import random
+    generator = random.Random(0)
+    frames = bytearray()
+    for n in range(int(seconds * rate)):
+        t = n / rate
+        voice = sum(0.12 * math.sin(2 * math.pi * f * t + 3 * math.sin(2 * math.pi * 5 * t)) for f in (220, 277, 330))
+        pulse = 0.3 * math.sin(2 * math.pi * 60 * t) * math.exp(-8 * (t % 0.5))
+        noise = 0.01 * generator.uniform(-1, 1)
+        frames += struct.pack("<hh", *(int(32767 * max(-1.0, min(1.0, s))) for s in (voice + pulse + noise,
+                                                                                      voice + noise)))
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(2)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes(bytes(frames))
+
+
+def read_wav(path: Path) -> tuple:
+    """(samples as a list of frames, rate, channels) of a 16-bit WAV."""
+    with wave.open(str(path), "rb") as file:
+        assert file.getsampwidth() == 2, f"{path}: not 16-bit"
+        count, channels, rate = file.getnframes(), file.getnchannels(), file.getframerate()
+        data = struct.unpack(f"<{count * channels}h", file.readframes(count))
+    return data, rate, channels
+
+
+def sdr_db(reference: tuple, estimate: tuple) -> float:
+    signal_energy = sum(float(s) ** 2 for s in reference)
+    error = sum((float(s) - float(e)) ** 2 for s, e in zip(reference, estimate))
+    return 10 * math.log10((signal_energy + 1e-9) / (error + 1e-9))
+
+
+def run_separate(run: Run) -> None:
+    """`bsmamba2 separate` (the bundled model) on a generated song: on CUDA, then on the CPU as the reference."""
+    start = time.monotonic()
+    folder = run.work / "separate"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    song = folder / "song.wav"
+    write_song(song, 6.0 if run.cuda else 2.0)
+    song_data, song_rate, song_channels = read_wav(song)
+    devices = ["cuda", "cpu"] if run.cuda else ["cpu"]
+    stems, details, problems = {}, {}, []
+    for device in devices:
+        command = [run.venv / "bin" / "bsmamba2", "separate", song, "-o", folder / device, "--device", device,
+                   "--bit-depth", "16", "--force", "--report", folder / f"{device}.json"]
+        status, seconds, lines = run.run(f"separate-{device}", command, stage_budget(run, 120, 60))
+        backend = next((line.split("scan backend: ", 1)[1] for line in lines if "scan backend: " in line), None)
+        details[device] = {"exit": status, "seconds": round(seconds, 1), "scan_backend": backend}
+        if status != 0:
+            problems.append(f"--device {device}: {failure_reason(status, lines)}")
+            continue
+        for path in sorted((folder / device / "song").glob("*.wav")):
+            data, rate, channels = read_wav(path)
+            if (len(data), rate, channels) != (len(song_data), song_rate, song_channels):
+                problems.append(f"{device} {path.name}: {len(data) // channels} frames at {rate} Hz × {channels}, "
+                                f"not as the input")
+            stems.setdefault(device, {})[path.stem] = data
+        if not stems.get(device):
+            problems.append(f"--device {device} wrote no stems")
+    if run.cuda and len(stems) == 2:
+        details["sdr_db_vs_cpu"] = {stem: round(sdr_db(stems["cpu"][stem], data), 1)
+                                    for stem, data in stems["cuda"].items() if stem in stems["cpu"]}
+        problems += [f"{stem}: {sdr:.1f} dB from the CPU's (at least {MIN_SEPARATE_SDR_DB:.0f} expected)"
+                     for stem, sdr in details["sdr_db_vs_cpu"].items() if not sdr >= MIN_SEPARATE_SDR_DB]
+    run.record("separate", "failed" if problems else "passed", time.monotonic() - start, devices=details,
+               stems=sorted(next(iter(stems.values()), {})), **({"reason": "; ".join(problems)} if problems else {}))
+
+
+# ---- benchmark -------------------------------------------------------------------------------------------------
+
+def run_benchmark(run: Run) -> None:
+    """benchmark_mamba_ssm.py --json, one run per group of shapes so that a run stopped at the deadline loses only
+    its own group; every record is kept, and a per-backend table of median seconds."""
+    start = time.monotonic()
+    if run.cuda:
+        common = ["--device", "cuda", "--backends", "reference", "torch", "triton", "cuda"]
+        groups = [("mixer", []), ("time", ["--model-config"]), ("band", ["--model-config"])]
+    else:
+        common = ["--device", "cpu", "--quick", "--backends", "reference", "torch", "cuda", "--repeats", "1",
+                  "--audio-seconds", "0.25"]
+        groups = [("mixer", ["--model-config", "configs/small.yaml"])]
+    records, runs, problems = [], [], []
+    for group, extra in groups:
+        budget = stage_budget(run, 600, 10)
+        if budget < 30:
+            runs.append({"paths": group, "status": "skipped: out of time"})
+            continue
+        output = run.work / f"benchmark-{group}.json"
+        command = [run.python, REPO / "benchmark_mamba_ssm.py", "--paths", group, "--json", output, "--force",
+                   "--quiet", *common, *extra]
+        status, seconds, tail = run.run(f"benchmark-{group}", command, budget)
+        runs.append({"paths": group, "exit": status, "seconds": round(seconds, 1)})
+        if status != 0 or not output.exists():
+            problems.append(f"{group}: {failure_reason(status, tail)}")
+            continue
+        records += json.loads(output.read_text())
+    for record in records:
+        if "failed" in record:
+            problems.append(f"{record['section']} {record['backend']} {record['pass']}: {record['failed']}")
+        elif "max_abs_err" in record and not record["max_abs_err"] <= BENCHMARK_MAX_ERROR * max(1.0, record.get("ref_max_abs", 0)):
+            problems.append(f"{record['section']} {record['batch']}×{record['seqlen']} {record['backend']} "
+                            f"{record['pass']}: max abs error {record['max_abs_err']:.2e} from reference")
+    run.record("benchmark", "failed" if problems else "passed", time.monotonic() - start, runs=runs,
+               median_seconds=speed_table(records), records=records,
+               **({"reason": "; ".join(problems)[:2000]} if problems else {}))
+
+
+def speed_table(records: list) -> dict:
+    """{"time path 62×801 fwdbwd": {"torch": s, "cuda": s, ...}, "model <config>": {backend: s per audio s}}."""
+    table = {}
+    for record in records:
+        if "seconds" not in record:
+            continue
+        if record["section"] == "model":
+            table.setdefault(f"model {record['config_name']} (s per audio s)", {})[record["backend"]] = \
+                round(record["seconds_per_audio_second"], 4)
+        else:
+            key = f"{record['section']} {record['batch']}×{record['seqlen']} {record['pass']}"
+            table.setdefault(key, {})[record["backend"]] = round(record["seconds"], 6)
+    return table
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the pipeline on the CPU: no build, small shapes")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "build" / "gpu-check" / "out"),
+                        help="where the JSON, the log and built wheels go (default: $OUT, else build/gpu-check/out)")
+    parser.add_argument("--wheels", default=str(REPO / "gpu_wheels"),
+                        help="wheels and sdists from scripts/gpu_wheels.sh, and wheels built earlier "
+                             "(default: gpu_wheels/)")
+    parser.add_argument("--work-dir", default=str(REPO / "build" / "gpu-check"),
+                        help="the venv, sources, built wheels (reused by a later run) and logs "
+                             "(default: build/gpu-check)")
+    parser.add_argument("--time-limit", type=float, default=570,
+                        help="seconds for the whole run; each stage takes at most what the later ones leave "
+                             "(default: 570, for a 600 s command limit)")
+    parser.add_argument("--build-limit", type=float, default=330, help="seconds for the build (default: 330)")
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(describe_host()))
+        return 0
+    run = Run(args)
+    run.log(f"gpu_check ({run.results['mode']}): results in {run.results_path}, log in {run.log_path}")
+    if not make_environment(run):
+        return 1
+    host = probe(run)
+    run.results["host"] = host
+    if run.cuda and not host["gpu"]:
+        run.record("device", "failed", 0, reason="torch sees no CUDA device (use --dry-run on a CPU machine)")
+        return 1
+    run.log(f"{host['gpu'] or 'CPU'}, torch {host['torch']} (CUDA {host['cuda']}), Python {host['python']}")
+    if run.cuda:
+        build_kernels(run, host)
+        host = run.results["host"] = probe(run)
+    else:
+        run.record("build", "skipped", 0, reason="dry run: no build")
+    if run.cuda:
+        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}.json")
+    run.log("backends that cannot run here: " + json.dumps({k: v for k, v in host["backends_unavailable"].items() if v}))
+    run_tests(run)
+    run_separate(run)
+    run_benchmark(run)
+    run.save()
+    run.log(f"{'PASSED' if run.results['passed'] else 'FAILED: ' + ', '.join(run.results['failed_stages'])}; "
+            f"{run.results_path}")
+    return 0 if run.results["passed"] else 1
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H200' → 'h200': the name benchmarks/results/<date>-<slug>.json gives the file."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
