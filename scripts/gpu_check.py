@@ -336,7 +336,8 @@ def run_tests(run: Run) -> None:
         selection, env = ["-m", "cuda", "tests/ops"], run.env(**TEST_MODEL)
     else:
         selection, env = ["-m", "not cuda", "tests/ops/test_backends_in_model.py",
-                          "tests/ops/test_scan_backends.py::test_backend_matches_reference"], run.env()
+                          "tests/ops/test_scan_backends.py::test_backend_matches_reference", "-k", "torch or broken"], \
+            run.env()
     command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                f"--junitxml={report}", *selection]
     status, seconds, tail = run.run("tests", command, stage_budget(run, 300, 150), env=env)
@@ -464,6 +465,7 @@ def run_benchmark(run: Run) -> None:
         budget = stage_budget(run, 600, 10)
         if budget < 30:
             runs.append({"paths": group, "status": "skipped: out of time"})
+            problems.append(f"{group}: not run, out of time")
             continue
         output = run.work / f"benchmark-{group}.json"
         command = [run.python, REPO / "benchmark_mamba_ssm.py", "--paths", group, "--json", output, "--force",
