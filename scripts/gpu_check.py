@@ -41,6 +41,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
 OUT_FILE_LIMIT = 16 * MiB        # the largest file the GPU machine's $OUT brings back
+OUT_PLUS = "_plus_"              # $OUT brings back only names of letters, digits, '.', '_' and '-': '+' is spelt so
 # distribution name → (its import and file name, the prefix of its setup.py's environment variables)
 KERNEL_PACKAGES = {"causal-conv1d": ("causal_conv1d", "CAUSAL_CONV1D"), "mamba-ssm": ("mamba_ssm", "MAMBA")}
 SETUP_GENCODE = re.compile(r'cc_flag\.append\("-gencode"\)\s*\n\s*cc_flag\.append\("arch=compute_\w+,code=sm_\w+"\)')
@@ -234,7 +235,9 @@ def build_kernels(run: Run, host: dict) -> None:
     wheels = Path(run.args.wheels).resolve()
     builds, results = {}, {}
     for distribution, (name, prefix) in KERNEL_PACKAGES.items():
-        earlier = sorted(set(wheels.rglob(f"{name}-*+{tag}-*.whl")) | set(built.glob(f"{name}-*+{tag}-*.whl")))
+        for carried in wheels.rglob(f"{name}-*{OUT_PLUS}{tag}-*.whl"):   # a wheel brought back from $OUT
+            shutil.copy2(carried, built / carried.name.replace(OUT_PLUS, "+"))
+        earlier = sorted(built.glob(f"{name}-*+{tag}-*.whl"))
         if earlier:
             results[distribution] = {"status": "prebuilt", "wheel": earlier[-1].name}
             continue
@@ -269,7 +272,7 @@ def build_kernels(run: Run, host: dict) -> None:
                                      "reason": failure_reason(status, text.splitlines(), compile_errors=True)}
     for distribution, result in results.items():
         if result["status"] in ("built", "prebuilt"):
-            install_wheel(run, distribution, result, wheels, built)
+            install_wheel(run, distribution, result, built / result["wheel"])
     failed = [d for d, r in results.items() if r["status"] not in ("built", "prebuilt")]
     run.record("build", "failed" if failed else "passed", time.monotonic() - start, packages=results,
                **({"reason": f"{', '.join(failed)} not built"} if failed else {}))
@@ -303,9 +306,8 @@ def version_key(version: str) -> tuple:
     return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", version))
 
 
-def install_wheel(run: Run, distribution: str, result: dict, wheels: Path, built: Path) -> None:
+def install_wheel(run: Run, distribution: str, result: dict, wheel: Path) -> None:
     """pip install the wheel offline; a wheel built here is also copied to --out when small enough to come back."""
-    wheel = next(iter(sorted(wheels.rglob(result["wheel"])) or [built / result["wheel"]]))
     status, _, tail = run.run(f"install-{distribution}", [run.python, "-m", "pip", "install", "--no-deps", "--no-index",
                                                           "--disable-pip-version-check", wheel], 120)
     if status != 0:
@@ -314,7 +316,7 @@ def install_wheel(run: Run, distribution: str, result: dict, wheels: Path, built
     result["wheel_mib"] = round(wheel.stat().st_size / MiB, 1)
     if result["status"] == "built":
         if wheel.stat().st_size <= OUT_FILE_LIMIT:
-            shutil.copy2(wheel, run.out / wheel.name)
+            shutil.copy2(wheel, run.out / wheel.name.replace("+", OUT_PLUS))
             result["copied_to_out"] = True
         else:
             result["copied_to_out"] = False
@@ -340,7 +342,7 @@ def run_tests(run: Run) -> None:
             run.env()
     command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                f"--junitxml={report}", *selection]
-    status, seconds, tail = run.run("tests", command, stage_budget(run, 300, 150), env=env)
+    status, seconds, tail = run.run("tests", command, stage_budget(run, 300, 100), env=env)
     cases = read_junit(report) if report.exists() else []
     counts = {outcome: sum(case["outcome"] == outcome for case in cases) for outcome in ("passed", "failed", "skipped")}
     passed = status == 0 and counts["passed"] > 0
@@ -504,6 +506,9 @@ def speed_table(records: list) -> dict:
 
 # ---- main ------------------------------------------------------------------------------------------------------
 
+CHECKS = {"tests": run_tests, "separate": run_separate, "benchmark": run_benchmark}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,12 +525,18 @@ def parse_args(argv=None):
                         help="seconds for the whole run; each stage takes at most what the later ones leave "
                              "(default: 570, for a 600 s command limit)")
     parser.add_argument("--build-limit", type=float, default=330, help="seconds for the build (default: 330)")
+    parser.add_argument("--stages", default=",".join(CHECKS), type=lambda text: text.split(","),
+                        help=f"the checks to run after the environment and the build, comma-separated (default: "
+                             f"{','.join(CHECKS)}; e.g. benchmark alone, to finish one that ran out of time)")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    unknown = set(args.stages) - set(CHECKS)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))} (choose from {', '.join(CHECKS)})")
     if args.probe:
         print(json.dumps(describe_host()))
         return 0
@@ -542,14 +553,17 @@ def main(argv=None) -> int:
     if run.cuda:
         build_kernels(run, host)
         host = run.results["host"] = probe(run)
+        broken = {name: host["backends_unavailable"][name] for name in ("cuda", "triton")
+                  if host["backends_unavailable"][name]}
+        if broken and run.results["stages"]["build"]["status"] == "passed":
+            run.record("kernels", "failed", 0, reason=f"built and installed, but: {json.dumps(broken)}")
+        some = "" if args.stages == list(CHECKS) else "-" + "-".join(args.stages)
+        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}{some}.json")
     else:
         run.record("build", "skipped", 0, reason="dry run: no build")
-    if run.cuda:
-        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}.json")
     run.log("backends that cannot run here: " + json.dumps({k: v for k, v in host["backends_unavailable"].items() if v}))
-    run_tests(run)
-    run_separate(run)
-    run_benchmark(run)
+    for name in args.stages:
+        CHECKS[name](run)
     run.save()
     run.log(f"{'PASSED' if run.results['passed'] else 'FAILED: ' + ', '.join(run.results['failed_stages'])}; "
             f"{run.results_path}")

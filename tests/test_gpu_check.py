@@ -123,3 +123,50 @@ def test_names_from_the_gpu_and_torch():
     assert gpu_check.gpu_slug("NVIDIA H200") == "h200"
     assert gpu_check.gpu_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
     assert gpu_check.local_version({"capability": "9.0", "torch": "2.11.0+cu130"}) == "sm90.torch2.11.0.cu130"
+
+
+FAKE_KERNEL_SETUP = '''import os
+from setuptools import setup
+cc_flag = []
+cc_flag.append("-gencode")
+cc_flag.append("arch=compute_75,code=sm_75")
+assert cc_flag == [] and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0" and os.environ["MAX_JOBS"]
+prefix = "PREFIX"
+assert os.environ[prefix + "_FORCE_BUILD"] == "TRUE"
+open("NAME.py", "w").write("BUILT_FOR = " + repr(os.environ[prefix + "_LOCAL_VERSION"]) + "\\n")
+setup(name="NAME", version="1.0+" + os.environ[prefix + "_LOCAL_VERSION"], py_modules=["NAME"])
+'''
+
+
+def test_build_stage_builds_installs_and_reuses_wheels(tmp_path):
+    """The build's plumbing, with stand-in sdists whose setup.py checks what it is given (the real ones need nvcc
+    and a CUDA torch): built in parallel, tagged with the GPU and torch, installed, copied to --out under a name
+    $OUT brings back, and found again by a later run, also from that copy."""
+    gpu_check = load_gpu_check()
+    wheels = tmp_path / "wheels"
+    for name, prefix in gpu_check.KERNEL_PACKAGES.values():
+        write_sdist(wheels, f"{name}-1.0", FAKE_KERNEL_SETUP.replace("NAME", name).replace("PREFIX", prefix))
+    options = ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--wheels", str(wheels)]
+    run = gpu_check.Run(gpu_check.parse_args(options))
+    assert gpu_check.make_environment(run)
+    host = {"capability": "9.0", "torch": "2.11.0+cu130"}
+    gpu_check.build_kernels(run, host)
+    build = run.results["stages"]["build"]
+    assert build["status"] == "passed", build
+    for distribution, (name, _) in gpu_check.KERNEL_PACKAGES.items():
+        result = build["packages"][distribution]
+        assert result["status"] == "built" and result["wheel"].startswith(f"{name}-1.0+sm90.torch2.11.0.cu130-")
+        assert result["copied_to_out"] and (tmp_path / "out" / result["wheel"].replace("+", "_plus_")).exists()
+        built_for = subprocess.run([str(run.python), "-c", f"import {name}; print({name}.BUILT_FOR)"],
+                                   capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+        assert built_for == "sm90.torch2.11.0.cu130"
+
+    # a later run on a fresh machine: the wheels brought back from $OUT, carried in the wheels folder
+    for wheel in (tmp_path / "out").glob("*.whl"):
+        wheel.rename(wheels / wheel.name)
+    options[3] = str(tmp_path / "fresh-work")
+    run = gpu_check.Run(gpu_check.parse_args(options))
+    assert gpu_check.make_environment(run)
+    gpu_check.build_kernels(run, host)
+    packages = run.results["stages"]["build"]["packages"]
+    assert {result["status"] for result in packages.values()} == {"prebuilt"}
