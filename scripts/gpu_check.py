@@ -49,6 +49,7 @@ MIN_SEPARATE_SDR_DB = 40.0       # stems from --device cuda against --device cpu
 BENCHMARK_MAX_ERROR = 1e-2       # the tests hold tight tolerances; this catches a gross error at the larger shapes
 # CUDA mode: the paper network on 3 s of audio; the dry run: the model test's small config and length.
 TEST_MODEL = {"BSMAMBA2_TEST_MODEL_CONFIG": "bsmamba2_vocals", "BSMAMBA2_TEST_AUDIO_SECONDS": "3"}
+PASSING = ("passed", "skipped")  # stage statuses that do not fail the run ("skipped": the dry run's build)
 
 
 class Run:
@@ -110,7 +111,7 @@ class Run:
         env.update(extra)
         return env
 
-    def run(self, name: str, command: list, timeout: float, **options) -> tuple:
+    def run(self, name: str, command: list, timeout: float, env: Optional[dict] = None) -> tuple:
         """Run `command` with its output in logs/NAME.txt (then appended to the log). Returns (exit status, or None
         if it was stopped at `timeout`; seconds; the output's lines)."""
         output = self.work / "logs" / f"{name}.txt"
@@ -118,16 +119,12 @@ class Run:
         start = time.monotonic()
         with open(output, "w") as file:
             process = subprocess.Popen(list(map(str, command)), stdout=file, stderr=subprocess.STDOUT, cwd=REPO,
-                                       start_new_session=True, env=options.pop("env", None) or self.env(),
-                                       **options)
+                                       start_new_session=True, env=env or self.env())
             status = wait(process, timeout)
         text = output.read_text(errors="replace")
         with open(self.log_path, "a") as file:
             file.write(text)
         return status, time.monotonic() - start, text.strip().splitlines()
-
-
-PASSING = ("passed", "skipped")
 
 
 def wait(process: subprocess.Popen, timeout: float) -> Optional[int]:
@@ -251,7 +248,7 @@ def build_kernels(run: Run, host: dict) -> None:
         log = open(run.work / "logs" / f"build-{name}.txt", "w")
         command = [str(run.python), "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
                    "--disable-pip-version-check", "-v", "--wheel-dir", str(built), str(source)]
-        run.log(f"building {source.name} for sm_{tag[2:4]} (log: {log.name})")
+        run.log(f"building {source.name} for compute capability {host['capability']} (log: {log.name})")
         builds[distribution] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source, env=env,
                                                  start_new_session=True), time.monotonic(), log, source)
     budget = stage_budget(run, run.args.build_limit, 200)
@@ -291,7 +288,8 @@ def prepare_source(run: Run, wheels: Path, name: str) -> Path:
     shutil.rmtree(target / sdists[-1].name[:-7], ignore_errors=True)
     with tarfile.open(sdists[-1]) as archive:
         members = [m for m in archive.getmembers() if m.isfile() or m.isdir()]   # no links out of the folder
-        archive.extractall(target, members=members)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}      # Python ≥ 3.12 (and backports)
+        archive.extractall(target, members=members, **safe)
     source = target / sdists[-1].name[:-7]
     setup = source / "setup.py"
     text, count = SETUP_GENCODE.subn("pass", setup.read_text())
