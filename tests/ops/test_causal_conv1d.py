@@ -53,7 +53,7 @@ def test_channel_last_view_and_gradients_match_reference(backend, dtype, device,
     tensors = [t.to(dtype) for t in tensors]
     results = {}
     for name, where, as_type in ((backend, device, dtype), ("reference", "cpu", torch.float32)):
-        leaves = [t.to(where, as_type).requires_grad_() for t in tensors]
+        leaves = [t.to(where, as_type).clone().requires_grad_() for t in tensors]
         x = leaves[0][..., 8:32].transpose(1, 2)              # strided, channel-last view
         out = causal_conv1d(x, leaves[1], leaves[2], activation="silu", backend=name)
         projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(where)

@@ -255,7 +255,7 @@ def test_mamba2_mixer_same_under_every_backend(backend, device, monkeypatch, bac
     for name, where in ((backend, device), ("reference", "cpu")):
         mixer.to(where).scan_backend = name
         mixer.zero_grad()
-        leaf = u.to(where).requires_grad_()
+        leaf = u.to(where).clone().requires_grad_()
         out = mixer(leaf)
         (out * torch.linspace(-1, 1, out.numel(), device=where).view(out.shape)).sum().backward()
         results[name] = [t.cpu() for t in [out.detach(), leaf.grad] + [p.grad.clone() for p in mixer.parameters()]]
