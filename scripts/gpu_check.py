@@ -49,6 +49,7 @@ MIN_SEPARATE_SDR_DB = 40.0       # stems from --device cuda against --device cpu
 BENCHMARK_MAX_ERROR = 1e-2       # the tests hold tight tolerances; this catches a gross error at the larger shapes
 # CUDA mode: the paper network on 3 s of audio; the dry run: the model test's small config and length.
 TEST_MODEL = {"BSMAMBA2_TEST_MODEL_CONFIG": "bsmamba2_vocals", "BSMAMBA2_TEST_AUDIO_SECONDS": "3"}
+KERNEL_CASES = "triton or cuda-"  # pytest -k: the cases of the `triton` and `cuda` backends (tests/ops/devices.py)
 PASSING = ("passed", "skipped")  # stage statuses that do not fail the run ("skipped": the dry run's build)
 
 
@@ -223,8 +224,9 @@ def local_version(host: dict) -> str:
     return f"sm{host['capability'].replace('.', '')}.torch{re.sub(r'[^a-z0-9]+', '.', host['torch'].lower())}"
 
 
-def build_kernels(run: Run, host: dict) -> None:
-    """Both packages in parallel (each its own ninja, MAX_JOBS all cores: 14 translation units on 16 cores)."""
+def start_builds(run: Run, host: dict) -> dict:
+    """Start both builds in parallel (each its own ninja, MAX_JOBS all cores: 14 translation units on 16 cores);
+    a package with a wheel built earlier for this GPU and torch, or that cannot be built, is settled at once."""
     start = time.monotonic()
     built = run.work / "wheels"
     built.mkdir(exist_ok=True)
@@ -251,14 +253,21 @@ def build_kernels(run: Run, host: dict) -> None:
         run.log(f"building {source.name} for compute capability {host['capability']} (log: {log.name})")
         builds[distribution] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source, env=env,
                                                  start_new_session=True), time.monotonic(), log, source)
-    budget = stage_budget(run, run.args.build_limit, 200)
-    for distribution, (process, began, log, source) in builds.items():
-        status = wait(process, budget - (time.monotonic() - start))
+    deadline = start + stage_budget(run, run.args.build_limit, 200)
+    return {"start": start, "deadline": deadline, "processes": builds, "results": results, "built": built}
+
+
+def finish_builds(run: Run, host: dict, builds: dict) -> None:
+    """Wait for the builds until their deadline, then install what was built (or built earlier)."""
+    results, built, tag = builds["results"], builds["built"], local_version(host)
+    for distribution, (process, began, log, source) in builds["processes"].items():
+        status = wait(process, builds["deadline"] - time.monotonic())
         log.close()
         seconds = round(time.monotonic() - began, 1)
         text = Path(log.name).read_text(errors="replace")
         with open(run.log_path, "a") as file:
-            file.write(f"---- build log of {distribution} (last 60 lines)\n" + "\n".join(text.splitlines()[-60:]) + "\n")
+            file.write(f"---- build log of {distribution} (last 60 lines)\n" + "\n".join(text.splitlines()[-60:])
+                       + "\n")
         name = KERNEL_PACKAGES[distribution][0]
         wheel = sorted(built.glob(f"{name}-*+{tag}-*.whl"))
         if status == 0 and wheel:
@@ -271,7 +280,7 @@ def build_kernels(run: Run, host: dict) -> None:
         if result["status"] in ("built", "prebuilt"):
             install_wheel(run, distribution, result, built / result["wheel"])
     failed = [d for d, r in results.items() if r["status"] not in ("built", "prebuilt")]
-    run.record("build", "failed" if failed else "passed", time.monotonic() - start, packages=results,
+    run.record("build", "failed" if failed else "passed", time.monotonic() - builds["start"], packages=results,
                **({"reason": f"{', '.join(failed)} not built"} if failed else {}))
 
 
@@ -329,22 +338,25 @@ def failure_reason(status: Optional[int], lines: list, compile_errors: bool = Fa
 
 # ---- tests -----------------------------------------------------------------------------------------------------
 
-def run_tests(run: Run) -> None:
-    """pytest, its JUnit report read back into the results: each test's outcome and recorded numbers."""
-    report = run.work / "junit.xml"
+def run_tests(run: Run, stage: str = "tests", keep: float = 100) -> None:
+    """pytest, its JUnit report read back into the results: each test's outcome and recorded numbers. On CUDA,
+    stage `tests` runs the cases that need no kernel (while the kernels build), `kernel_tests` the others."""
+    report = run.work / f"{stage}.xml"
     if run.cuda:
-        selection, env = ["-m", "cuda", "tests/ops"], run.env(**TEST_MODEL)
+        selection = ["-m", "cuda", "-k", KERNEL_CASES if stage == "kernel_tests" else f"not ({KERNEL_CASES})",
+                     "tests/ops"]
+        env = run.env(**TEST_MODEL)
     else:
         selection, env = ["-m", "not cuda", "tests/ops/test_backends_in_model.py",
                           "tests/ops/test_scan_backends.py::test_backend_matches_reference", "-k", "torch or broken"], \
             run.env()
     command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                f"--junitxml={report}", *selection]
-    status, seconds, tail = run.run("tests", command, stage_budget(run, 300, 100), env=env)
+    status, seconds, tail = run.run(stage, command, stage_budget(run, 300, keep), env=env)
     cases = read_junit(report) if report.exists() else []
     counts = {outcome: sum(case["outcome"] == outcome for case in cases) for outcome in ("passed", "failed", "skipped")}
     passed = status == 0 and counts["passed"] > 0
-    run.record("tests", "passed" if passed else "failed", seconds, counts=counts, cases=cases,
+    run.record(stage, "passed" if passed else "failed", seconds, counts=counts, cases=cases,
                **({} if passed else {"reason": failure_reason(status, tail)}))
 
 
@@ -479,7 +491,7 @@ def run_benchmark(run: Run) -> None:
     for record in records:
         if "failed" in record:
             problems.append(f"{record['section']} {record['backend']} {record['pass']}: {record['failed']}")
-        elif "max_abs_err" in record and not record["max_abs_err"] <= BENCHMARK_MAX_ERROR * max(1.0, record.get("ref_max_abs", 0)):
+        elif not record.get("max_abs_err", 0) <= BENCHMARK_MAX_ERROR * max(1.0, record.get("ref_max_abs", 0)):
             problems.append(f"{record['section']} {record['batch']}×{record['seqlen']} {record['backend']} "
                             f"{record['pass']}: max abs error {record['max_abs_err']:.2e} from reference")
     run.record("benchmark", "failed" if problems else "passed", time.monotonic() - start, runs=runs,
@@ -504,7 +516,8 @@ def speed_table(records: list) -> dict:
 
 # ---- main ------------------------------------------------------------------------------------------------------
 
-CHECKS = {"tests": run_tests, "separate": run_separate, "benchmark": run_benchmark}
+CHECKS = {"tests": lambda run: run_tests(run, "kernel_tests" if run.cuda else "tests"), "separate": run_separate,
+          "benchmark": run_benchmark}
 
 
 def parse_args(argv=None):
@@ -548,18 +561,22 @@ def main(argv=None) -> int:
         run.record("device", "failed", 0, reason="torch sees no CUDA device (use --dry-run on a CPU machine)")
         return 1
     run.log(f"{host['gpu'] or 'CPU'}, torch {host['torch']} (CUDA {host['cuda']}), Python {host['python']}")
+    some = "" if args.stages == list(CHECKS) else "-" + "-".join(args.stages)
     if run.cuda:
-        build_kernels(run, host)
+        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}{some}.json")
+        builds = start_builds(run, host)
+        if "tests" in args.stages:              # the cases that need no kernel, while the kernels build
+            run_tests(run, "tests", keep=250)   # for the kernel tests, separate and benchmark after the build
+        finish_builds(run, host, builds)
         host = run.results["host"] = probe(run)
         broken = {name: host["backends_unavailable"][name] for name in ("cuda", "triton")
                   if host["backends_unavailable"][name]}
         if broken and run.results["stages"]["build"]["status"] == "passed":
             run.record("kernels", "failed", 0, reason=f"built and installed, but: {json.dumps(broken)}")
-        some = "" if args.stages == list(CHECKS) else "-" + "-".join(args.stages)
-        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}{some}.json")
     else:
         run.record("build", "skipped", 0, reason="dry run: no build")
-    run.log("backends that cannot run here: " + json.dumps({k: v for k, v in host["backends_unavailable"].items() if v}))
+    unavailable = {name: reason for name, reason in host["backends_unavailable"].items() if reason}
+    run.log(f"backends that cannot run here: {json.dumps(unavailable)}")
     for name in args.stages:
         CHECKS[name](run)
     run.save()

@@ -150,7 +150,7 @@ def test_build_stage_builds_installs_and_reuses_wheels(tmp_path):
     run = gpu_check.Run(gpu_check.parse_args(options))
     assert gpu_check.make_environment(run)
     host = {"capability": "9.0", "torch": "2.11.0+cu130"}
-    gpu_check.build_kernels(run, host)
+    gpu_check.finish_builds(run, host, gpu_check.start_builds(run, host))
     build = run.results["stages"]["build"]
     assert build["status"] == "passed", build
     for distribution, (name, _) in gpu_check.KERNEL_PACKAGES.items():
@@ -167,6 +167,6 @@ def test_build_stage_builds_installs_and_reuses_wheels(tmp_path):
     options[3] = str(tmp_path / "fresh-work")
     run = gpu_check.Run(gpu_check.parse_args(options))
     assert gpu_check.make_environment(run)
-    gpu_check.build_kernels(run, host)
+    gpu_check.finish_builds(run, host, gpu_check.start_builds(run, host))
     packages = run.results["stages"]["build"]["packages"]
     assert {result["status"] for result in packages.values()} == {"prebuilt"}

@@ -9,7 +9,7 @@ from bsmamba2.errors import BSMamba2Error
 from bsmamba2.ops import mamba_chunk_scan_combined, scan_torch_compile
 from bsmamba2.ops.scan_reference import scan_reference
 
-from devices import DEVICES, ON_CUDA
+from devices import DEVICES, ON_CUDA, TRITON_SHAPE, on_devices
 
 KERNEL_BACKENDS = ("torch", "triton", "cuda")      # the backends the fused kernels and the model run on
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
@@ -98,13 +98,14 @@ CASE_IDS = [f"L{c[0]}-g{c[1]}-n{c[2]}{'-init' if c[3] else ''}{'-Dhp' if c[4] el
 
 
 def backend_cases():
-    """(backend, case) for every backend and case; selective_scan_fn (`cuda`) takes no initial states."""
-    return [pytest.param(backend, case, id=f"{backend}-{case_id}") for backend in KERNEL_BACKENDS
-            for case, case_id in zip(CASES, CASE_IDS) if not (backend == "cuda" and case[3])]
+    """(backend, case, device) for every backend, case and device: selective_scan_fn (`cuda`) takes no initial
+    states, and `triton` runs on CUDA at the paper's shape only (devices.py says why)."""
+    return [param for backend in KERNEL_BACKENDS for case, case_id in zip(CASES, CASE_IDS)
+            if not (backend == "cuda" and case[3])
+            for param in on_devices(backend, case, id=f"{backend}-{case_id}", skip_on_cuda=backend == "triton")]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend,case", backend_cases())
+@pytest.mark.parametrize("backend,case,device", backend_cases())
 def test_backend_matches_reference(backend, case, device, backend_on):
     """On the CPU: `torch`, and the `cuda` and `triton` adapters on the stand-in kernels; on CUDA: the real thing.
     selective_scan_fn gives no gradient through its last state, so for `cuda` the loss only reads y."""
@@ -115,12 +116,14 @@ def test_backend_matches_reference(backend, case, device, backend_on):
                                      final_in_loss=backend != "cuda", device=device)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(backend, marks=ON_CUDA) for backend in KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", [pytest.param(backend, marks=ON_CUDA, id=f"{backend}-gpu")
+                                     for backend in KERNEL_BACKENDS])
 def test_backend_matches_reference_at_the_paper_mixer_shape(backend, backend_on):
     """16 heads × 64, d_state 128, ngroups 1, chunk 128, over three chunks with a ragged end."""
     backend_on("cuda", backend)
-    inputs = make_inputs(257, ngroups=1, dstate=128, batch=1, nheads=16, headdim=64)
-    assert_backend_matches_reference(backend, inputs, 128, rtol=fp32_tolerance(backend, "cuda"),
+    inputs = make_inputs(257, ngroups=1, dstate=TRITON_SHAPE["dstate"], batch=1, nheads=16,
+                         headdim=TRITON_SHAPE["headdim"])
+    assert_backend_matches_reference(backend, inputs, TRITON_SHAPE["chunk_size"], fp32_tolerance(backend, "cuda"),
                                      final_in_loss=backend != "cuda", device="cuda")
 
 
@@ -143,13 +146,14 @@ def test_torch_backend_long_fast_decaying_sequence_is_finite_and_exact(fresh_bac
 def test_backend_bfloat16_within_tolerance(backend, device, backend_on):
     """bf16 inputs against the float32 reference on the same values: y and gradients come back in bf16, whose
     8-bit mantissa sets the tolerance: 2 %, and 5 % for the fused kernels on CUDA, which keep some intermediates in
-    bf16 (and selective_scan_fn takes dt in bf16)."""
+    bf16 (and selective_scan_fn takes dt in bf16). Two groups of one head of the paper's shape, over two chunks."""
     backend_on(device, backend)
-    inputs = make_inputs(45, ngroups=2, dstate=16, initial=backend != "cuda", dtype=torch.bfloat16)
+    inputs = make_inputs(130, ngroups=2, dstate=TRITON_SHAPE["dstate"], initial=backend != "cuda", batch=1,
+                         nheads=2, headdim=TRITON_SHAPE["headdim"], dtype=torch.bfloat16)
     as_float = {name: t.detach().float().requires_grad_() if t is not None else None for name, t in inputs.items()}
-    final_in_loss = backend != "cuda"
-    y, final, grads = run_scan(inputs, backend, final_in_loss=final_in_loss, device=device)
-    y_ref, final_ref, grads_ref = run_scan(as_float, "reference", final_in_loss=final_in_loss)
+    final_in_loss, chunk_size = backend != "cuda", TRITON_SHAPE["chunk_size"]
+    y, final, grads = run_scan(inputs, backend, chunk_size, final_in_loss=final_in_loss, device=device)
+    y_ref, final_ref, grads_ref = run_scan(as_float, "reference", chunk_size, final_in_loss=final_in_loss)
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
     rtol = 5e-2 if device == "cuda" and backend != "torch" else 2e-2
     assert_close(y, y_ref, rtol, "bf16 y")
@@ -237,11 +241,12 @@ def test_shape_errors_name_the_argument():
                                   D=torch.ones(3))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["torch", "torch+compile", "cuda", "triton"])
+@pytest.mark.parametrize("backend,device", [param for backend in ("torch", "torch+compile", "cuda", "triton")
+                                            for param in on_devices(backend, id=backend,
+                                                                    skip_on_cuda=backend == "triton")])
 def test_mamba2_mixer_same_under_every_backend(backend, device, monkeypatch, backend_on):
     """The whole mixer (projection, causal conv, scan, gated norm), forward and backward, against `reference` on
-    the CPU."""
+    the CPU (`triton` on CUDA: in test_backends_in_model.py, at the paper's shape)."""
     from bsmamba2.models.mamba2 import Mamba2
 
     backend_on(device, backend)
