@@ -13,7 +13,8 @@ Stages, each bounded in time so that the whole run ends within --time-limit:
                that setup.py never looks for a prebuilt wheel online, MAX_JOBS = all cores; a wheel built earlier for
                the same GPU architecture and torch (the local version tag says which) is installed instead;
   tests        `pytest -m cuda tests/ops`: every backend against `reference` (fp32 and bf16, outputs and gradients),
-               the mixer, the conv, and the paper network (stems vs the `torch` backend, a bf16 training step);
+               the mixer, the conv, and the paper network (stems vs the `torch` backend, a bf16 training step):
+               the cases that need no kernel while the kernels build, the others (`kernel_tests`) after;
   separate     `bsmamba2 separate --device cuda` on a generated song, its stems against `--device cpu`'s;
   benchmark    `benchmark_mamba_ssm.py --json` on CUDA for every backend but torch+compile (its compiles take
                minutes): mixer (with the whole model), time-path and band-path shapes, one run each.
@@ -356,8 +357,9 @@ def run_tests(run: Run, stage: str = "tests", keep: float = 100) -> None:
     cases = read_junit(report) if report.exists() else []
     counts = {outcome: sum(case["outcome"] == outcome for case in cases) for outcome in ("passed", "failed", "skipped")}
     passed = status == 0 and counts["passed"] > 0
+    reason = failure_reason(status, tail) if status != 0 else "no test passed: " + (tail or ["no output"])[-1]
     run.record(stage, "passed" if passed else "failed", seconds, counts=counts, cases=cases,
-               **({} if passed else {"reason": failure_reason(status, tail)}))
+               **({} if passed else {"reason": reason}))
 
 
 def read_junit(path: Path) -> list:
