@@ -465,37 +465,45 @@ def run_separate(run: Run) -> None:
 
 def run_benchmark(run: Run) -> None:
     """benchmark_mamba_ssm.py --json, one run per group of shapes so that a run stopped at the deadline loses only
-    its own group; every record is kept, and a per-backend table of median seconds."""
+    its own group; every record is kept, and a per-backend table of median seconds. The whole model runs on the
+    backend `auto` picks (`cuda` where it imports), and again under BSMAMBA2_SCAN=torch and =triton (from those two
+    runs only the model's records are kept: their scan rows repeat the first run's)."""
     start = time.monotonic()
     if run.cuda:
         common = ["--device", "cuda", "--backends", "reference", "torch", "triton", "cuda"]
-        groups = [("mixer", []), ("time", ["--model-config"]), ("band", ["--model-config"])]
+        model_only = ["--paths", "mixer", "--backends", "torch"]
+        groups = [("mixer", ["--paths", "mixer"], {}),
+                  *((f"model-{backend}", model_only, {"BSMAMBA2_SCAN": backend}) for backend in ("torch", "triton")),
+                  ("time", ["--paths", "time", "--model-config"], {}),
+                  ("band", ["--paths", "band", "--model-config"], {})]
     else:
         common = ["--device", "cpu", "--quick", "--backends", "reference", "torch", "cuda", "--repeats", "1",
                   "--audio-seconds", "0.25"]
-        groups = [("mixer", ["--model-config", "configs/small.yaml"])]
+        groups = [("mixer", ["--paths", "mixer", "--model-config", "configs/small.yaml"], {})]
     records, runs, problems = [], [], []
-    for group, extra in groups:
+    for group, extra, env in groups:
         budget = stage_budget(run, 600, 10)
         if budget < 30:
-            runs.append({"paths": group, "status": "skipped: out of time"})
+            runs.append({"group": group, "status": "skipped: out of time"})
             problems.append(f"{group}: not run, out of time")
             continue
         output = run.work / f"benchmark-{group}.json"
-        command = [run.python, REPO / "benchmark_mamba_ssm.py", "--paths", group, "--json", output, "--force",
-                   "--quiet", *common, *extra]
-        status, seconds, tail = run.run(f"benchmark-{group}", command, budget)
-        runs.append({"paths": group, "exit": status, "seconds": round(seconds, 1)})
+        command = [run.python, REPO / "benchmark_mamba_ssm.py", "--json", output, "--force", "--quiet", *common,
+                   *extra]
+        status, seconds, tail = run.run(f"benchmark-{group}", command, budget, env=run.env(**env))
+        runs.append({"group": group, "exit": status, "seconds": round(seconds, 1), **env})
         if status != 0 or not output.exists():
             problems.append(f"{group}: {failure_reason(status, tail)}")
             continue
-        records += json.loads(output.read_text())
+        records += [record for record in json.loads(output.read_text())
+                    if not env or record["section"] == "model"]
     for record in records:
+        what = f"{record['section']} {record.get('backend') or record.get('config') or ''} {record['pass']}"
         if "failed" in record:
-            problems.append(f"{record['section']} {record['backend']} {record['pass']}: {record['failed']}")
+            problems.append(f"{what}: {record['failed']}")
         elif not record.get("max_abs_err", 0) <= BENCHMARK_MAX_ERROR * max(1.0, record.get("ref_max_abs", 0)):
-            problems.append(f"{record['section']} {record['batch']}×{record['seqlen']} {record['backend']} "
-                            f"{record['pass']}: max abs error {record['max_abs_err']:.2e} from reference")
+            problems.append(f"{what} {record['batch']}×{record['seqlen']}: max abs error {record['max_abs_err']:.2e} "
+                            f"from reference")
     run.record("benchmark", "failed" if problems else "passed", time.monotonic() - start, runs=runs,
                median_seconds=speed_table(records), records=records,
                **({"reason": "; ".join(problems)[:2000]} if problems else {}))

@@ -74,7 +74,7 @@ def test_a_command_past_its_time_is_stopped_and_stages_out_of_time_fail(tmp_path
     gpu_check.run_benchmark(run)                       # 20 s left, less than the 30 s a benchmark run needs
     results = json.loads(run.results_path.read_text())
     assert results["passed"] is False and results["failed_stages"] == ["benchmark"]
-    assert results["stages"]["benchmark"]["runs"] == [{"paths": "mixer", "status": "skipped: out of time"}]
+    assert results["stages"]["benchmark"]["runs"] == [{"group": "mixer", "status": "skipped: out of time"}]
     assert "mixer: not run, out of time" in results["stages"]["benchmark"]["reason"]
 
 
