@@ -17,7 +17,7 @@ Stages, each bounded in time so that the whole run ends within --time-limit:
                the cases that need no kernel while the kernels build, the others (`kernel_tests`) after;
   separate     `bsmamba2 separate --device cuda` on a generated song, its stems against `--device cpu`'s;
   benchmark    `benchmark_mamba_ssm.py --json` on CUDA for every backend but torch+compile (its compiles take
-               minutes): mixer (with the whole model), time-path and band-path shapes, one run each.
+               minutes): mixer, time-path and band-path shapes, and the whole model under each backend.
 The dry run uses the CPU instances of the model-level and scan tests and the benchmark's --quick shapes instead.
 """
 from __future__ import annotations
@@ -183,8 +183,12 @@ def probe(run: Run) -> dict:
                             env=run.env(), timeout=max(run.remaining(), 10))
     lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
     if output.returncode != 0 or not lines:
-        raise SystemExit(f"probing the environment failed: {output.stderr.strip()[-2000:]}")
+        raise ProbeError(f"exit {output.returncode}: {output.stderr.strip()[-1500:]}")
     return json.loads(lines[-1])
+
+
+class ProbeError(Exception):
+    pass
 
 
 def describe_host() -> dict:
@@ -565,8 +569,11 @@ def main(argv=None) -> int:
     run.log(f"gpu_check ({run.results['mode']}): results in {run.results_path}, log in {run.log_path}")
     if not make_environment(run):
         return 1
-    host = probe(run)
-    run.results["host"] = host
+    try:
+        host = run.results["host"] = probe(run)
+    except ProbeError as error:
+        run.record("environment", "failed", 0, reason=f"the venv's Python cannot import torch or bsmamba2: {error}")
+        return 1
     if run.cuda and not host["gpu"]:
         run.record("device", "failed", 0, reason="torch sees no CUDA device (use --dry-run on a CPU machine)")
         return 1
@@ -578,7 +585,10 @@ def main(argv=None) -> int:
         if "tests" in args.stages:              # the cases that need no kernel, while the kernels build
             run_tests(run, "tests", keep=250)   # for the kernel tests, separate and benchmark after the build
         finish_builds(run, host, builds)
-        host = run.results["host"] = probe(run)
+        try:
+            host = run.results["host"] = probe(run)
+        except ProbeError as error:       # e.g. importing a kernel crashed the interpreter
+            host["backends_unavailable"].update(cuda=str(error), triton=str(error))
         broken = {name: host["backends_unavailable"][name] for name in ("cuda", "triton")
                   if host["backends_unavailable"][name]}
         if broken and run.results["stages"]["build"]["status"] == "passed":
