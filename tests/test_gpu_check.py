@@ -54,6 +54,7 @@ def test_dry_run_runs_every_stage_on_the_cpu_and_reports_them(tmp_path):
     separate = stages["separate"]
     assert separate["stems"] == ["no_vocals", "vocals"] and separate["devices"]["cpu"]["exit"] == 0
     assert separate["devices"]["cpu"]["scan_backend"].startswith("torch ")
+    assert all(facts == {"as_input": True} for facts in separate["devices"]["cpu"]["stems"].values())
 
     benchmark = stages["benchmark"]
     assert benchmark["median_seconds"]["mixer 2×64 fwdbwd"].keys() == {"reference", "torch"}
