@@ -111,12 +111,28 @@ def fresh_backend_log(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
 
 
+def _use_standins(monkeypatch):
+    monkeypatch.setattr(scan_kernels, "load_kernel", STANDINS.__getitem__)
+    monkeypatch.setattr(scan_kernels, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+
+
 @pytest.fixture
 def kernel_standins(monkeypatch, fresh_backend_log):
     """Make the `cuda` and `triton` backends run on CPU tensors with the stand-in kernels."""
-    def load_kernel(name):
-        return STANDINS[name]
-
-    monkeypatch.setattr(scan_kernels, "load_kernel", load_kernel)
-    monkeypatch.setattr(scan_kernels, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    _use_standins(monkeypatch)
     return STANDINS
+
+
+@pytest.fixture
+def backend_on(monkeypatch, fresh_backend_log):
+    """backend_on(device): make every backend runnable on `device` — on the CPU with the stand-in kernels, on CUDA
+    with the real ones; a test asking there for a backend whose kernels do not import is skipped with the reason."""
+    def prepare(device: str, *names: str):
+        if device == "cpu":
+            _use_standins(monkeypatch)
+            return
+        for name in names:
+            reason = backends.unavailable_reason(name, torch.device(device))
+            if reason is not None:
+                pytest.skip(f"scan backend {name} on {device}: {reason}")
+    return prepare

@@ -9,6 +9,9 @@ from bsmamba2.errors import BSMamba2Error
 from bsmamba2.ops import mamba_chunk_scan_combined, scan_torch_compile
 from bsmamba2.ops.scan_reference import scan_reference
 
+from devices import DEVICES, ON_CUDA, TRITON_SHAPE, on_devices
+
+KERNEL_BACKENDS = ("torch", "triton", "cuda")      # the backends the fused kernels and the model run on
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
@@ -34,9 +37,10 @@ def make_inputs(seqlen, ngroups=1, dstate=16, initial=False, D_per_channel=False
     return {name: t.requires_grad_() if t is not None else None for name, t in inputs.items()}
 
 
-def run_scan(inputs, backend, chunk_size=16, final_in_loss=True):
-    """Outputs, final states and the gradients of a fixed random projection of both."""
-    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items() if t is not None}
+def run_scan(inputs, backend, chunk_size=16, final_in_loss=True, device="cpu"):
+    """Outputs, final states and the gradients of a fixed random projection of both, on the CPU whatever `device`
+    the scan ran on."""
+    leaves = {name: t.detach().to(device).requires_grad_() for name, t in inputs.items() if t is not None}
     args = {name: leaves.get(name) for name in inputs}
     if backend == "reference":
         y, final = scan_reference(args["x"], args["dt"], args["A"], args["B"], args["C"], chunk_size,
@@ -48,12 +52,12 @@ def run_scan(inputs, backend, chunk_size=16, final_in_loss=True):
                                              initial_states=args["initial_states"], dt_softplus=True,
                                              return_final_states=True, backend=backend)
     g = torch.Generator().manual_seed(99)
-    loss = (y.float() * torch.randn(y.shape, generator=g)).sum()
+    loss = (y.float() * torch.randn(y.shape, generator=g).to(device)).sum()
     if final_in_loss:
-        loss = loss + (final.float() * torch.randn(final.shape, generator=g)).sum()
+        loss = loss + (final.float() * torch.randn(final.shape, generator=g).to(device)).sum()
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[name] for name in names])
-    return y.detach(), final.detach(), dict(zip(names, grads))
+    return y.detach().cpu(), final.detach().cpu(), {name: grad.cpu() for name, grad in zip(names, grads)}
 
 
 def assert_close(actual, expected, rtol, what):
@@ -66,8 +70,13 @@ def assert_close(actual, expected, rtol, what):
     assert error <= rtol, f"{what}: relative error {error:.2e} > {rtol:.0e}"
 
 
-def assert_backend_matches_reference(backend, inputs, chunk_size, rtol=1e-4, final_in_loss=True):
-    y, final, grads = run_scan(inputs, backend, chunk_size, final_in_loss)
+def fp32_tolerance(backend, device):
+    """1e-4 relative; mamba_ssm's Triton kernels multiply float32 in TF32 (10-bit mantissa) on CUDA."""
+    return 5e-3 if (backend, device) == ("triton", "cuda") else 1e-4
+
+
+def assert_backend_matches_reference(backend, inputs, chunk_size, rtol=1e-4, final_in_loss=True, device="cpu"):
+    y, final, grads = run_scan(inputs, backend, chunk_size, final_in_loss, device)
     y_ref, final_ref, grads_ref = run_scan(inputs, "reference", chunk_size, final_in_loss)
     assert_close(y, y_ref, rtol, f"{backend}: y")
     assert_close(final, final_ref, rtol, f"{backend}: final states")
@@ -88,26 +97,34 @@ CASES = [
 CASE_IDS = [f"L{c[0]}-g{c[1]}-n{c[2]}{'-init' if c[3] else ''}{'-Dhp' if c[4] else ''}-Q{c[6]}" for c in CASES]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_torch_backend_matches_reference(case, fresh_backend_log):
+def backend_cases():
+    """(backend, case, device) for every backend, case and device: selective_scan_fn (`cuda`) takes no initial
+    states, and `triton` runs on CUDA at the paper's shape only (devices.py says why)."""
+    return [param for backend in KERNEL_BACKENDS for case, case_id in zip(CASES, CASE_IDS)
+            if not (backend == "cuda" and case[3])
+            for param in on_devices(backend, case, id=f"{backend}-{case_id}", skip_on_cuda=backend == "triton")]
+
+
+@pytest.mark.parametrize("backend,case,device", backend_cases())
+def test_backend_matches_reference(backend, case, device, backend_on):
+    """On the CPU: `torch`, and the `cuda` and `triton` adapters on the stand-in kernels; on CUDA: the real thing.
+    selective_scan_fn gives no gradient through its last state, so for `cuda` the loss only reads y."""
+    backend_on(device, backend)
     seqlen, ngroups, dstate, initial, D_per_channel, gate, chunk_size = case
     inputs = make_inputs(seqlen, ngroups, dstate, initial, D_per_channel, gate)
-    assert_backend_matches_reference("torch", inputs, chunk_size)
+    assert_backend_matches_reference(backend, inputs, chunk_size, rtol=fp32_tolerance(backend, device),
+                                     final_in_loss=backend != "cuda", device=device)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_triton_adapter_matches_reference(case, kernel_standins):
-    seqlen, ngroups, dstate, initial, D_per_channel, gate, chunk_size = case
-    inputs = make_inputs(seqlen, ngroups, dstate, initial, D_per_channel, gate)
-    assert_backend_matches_reference("triton", inputs, chunk_size)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if not c[3]], ids=[i for c, i in zip(CASES, CASE_IDS) if not c[3]])
-def test_cuda_adapter_matches_reference(case, kernel_standins):
-    """selective_scan_fn gives no gradient through its last state, so the loss here only reads y."""
-    seqlen, ngroups, dstate, initial, D_per_channel, gate, chunk_size = case
-    inputs = make_inputs(seqlen, ngroups, dstate, initial, D_per_channel, gate)
-    assert_backend_matches_reference("cuda", inputs, chunk_size, final_in_loss=False)
+@pytest.mark.parametrize("backend", [pytest.param(backend, marks=ON_CUDA, id=f"{backend}-gpu")
+                                     for backend in KERNEL_BACKENDS])
+def test_backend_matches_reference_at_the_paper_mixer_shape(backend, backend_on):
+    """16 heads × 64, d_state 128, ngroups 1, chunk 128, over three chunks with a ragged end."""
+    backend_on("cuda", backend)
+    inputs = make_inputs(257, ngroups=1, dstate=TRITON_SHAPE["dstate"], batch=1, nheads=16,
+                         headdim=TRITON_SHAPE["headdim"])
+    assert_backend_matches_reference(backend, inputs, TRITON_SHAPE["chunk_size"], fp32_tolerance(backend, "cuda"),
+                                     final_in_loss=backend != "cuda", device="cuda")
 
 
 def test_cuda_adapter_refuses_initial_states(kernel_standins):
@@ -124,18 +141,25 @@ def test_torch_backend_long_fast_decaying_sequence_is_finite_and_exact(fresh_bac
     assert_backend_matches_reference("torch", inputs, chunk_size=64)
 
 
-def test_torch_backend_bfloat16_within_tolerance(fresh_backend_log):
-    """bf16 inputs (decays and products computed in float32 inside) against the float32 reference on the same
-    values: y and gradients come back in bf16, whose 8-bit mantissa sets the tolerance (2 %)."""
-    inputs = make_inputs(45, ngroups=2, dstate=16, initial=True, dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backend_bfloat16_within_tolerance(backend, device, backend_on):
+    """bf16 inputs against the float32 reference on the same values: y and gradients come back in bf16, whose
+    8-bit mantissa sets the tolerance: 2 %, and 5 % for the fused kernels on CUDA, which keep some intermediates in
+    bf16 (and selective_scan_fn takes dt in bf16). Two groups of one head of the paper's shape, over two chunks."""
+    backend_on(device, backend)
+    inputs = make_inputs(130, ngroups=2, dstate=TRITON_SHAPE["dstate"], initial=backend != "cuda", batch=1,
+                         nheads=2, headdim=TRITON_SHAPE["headdim"], dtype=torch.bfloat16)
     as_float = {name: t.detach().float().requires_grad_() if t is not None else None for name, t in inputs.items()}
-    y, final, grads = run_scan(inputs, "torch")
-    y_ref, final_ref, grads_ref = run_scan(as_float, "reference")
+    final_in_loss, chunk_size = backend != "cuda", TRITON_SHAPE["chunk_size"]
+    y, final, grads = run_scan(inputs, backend, chunk_size, final_in_loss=final_in_loss, device=device)
+    y_ref, final_ref, grads_ref = run_scan(as_float, "reference", chunk_size, final_in_loss=final_in_loss)
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
-    assert_close(y, y_ref, 2e-2, "bf16 y")
-    assert_close(final, final_ref, 2e-2, "bf16 final states")
+    rtol = 5e-2 if device == "cuda" and backend != "torch" else 2e-2
+    assert_close(y, y_ref, rtol, "bf16 y")
+    assert_close(final, final_ref, rtol, "bf16 final states")
     for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], 2e-2, f"bf16 d{name}")
+        assert_close(grads[name], grads_ref[name], rtol, f"bf16 d{name}")
 
 
 def test_torch_compile_backend_matches_eager(monkeypatch, fresh_backend_log):
@@ -217,11 +241,15 @@ def test_shape_errors_name_the_argument():
                                   D=torch.ones(3))
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch+compile", "cuda", "triton"])
-def test_mamba2_mixer_same_under_every_backend(backend, monkeypatch, kernel_standins):
-    """The whole mixer (projection, causal conv, scan, gated norm), forward and backward, against `reference`."""
+@pytest.mark.parametrize("backend,device", [param for backend in ("torch", "torch+compile", "cuda", "triton")
+                                            for param in on_devices(backend, id=backend,
+                                                                    skip_on_cuda=backend == "triton")])
+def test_mamba2_mixer_same_under_every_backend(backend, device, monkeypatch, backend_on):
+    """The whole mixer (projection, causal conv, scan, gated norm), forward and backward, against `reference` on
+    the CPU (`triton` on CUDA: in test_backends_in_model.py, at the paper's shape)."""
     from bsmamba2.models.mamba2 import Mamba2
 
+    backend_on(device, backend)
     monkeypatch.setattr(scan_torch_compile, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(scan_torch_compile, "_compiled", None)
     torch._dynamo.reset()
@@ -229,15 +257,15 @@ def test_mamba2_mixer_same_under_every_backend(backend, monkeypatch, kernel_stan
     mixer = Mamba2(16, d_state=8, expand=2, headdim=8, ngroups=2, chunk_size=4)
     u = torch.randn(2, 11, 16)
     results = {}
-    for name in (backend, "reference"):
-        mixer.scan_backend = name
+    for name, where in ((backend, device), ("reference", "cpu")):
+        mixer.to(where).scan_backend = name
         mixer.zero_grad()
-        leaf = u.clone().requires_grad_()
+        leaf = u.to(where).clone().requires_grad_()
         out = mixer(leaf)
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-        results[name] = [out.detach(), leaf.grad] + [p.grad.clone() for p in mixer.parameters()]
+        (out * torch.linspace(-1, 1, out.numel(), device=where).view(out.shape)).sum().backward()
+        results[name] = [t.cpu() for t in [out.detach(), leaf.grad] + [p.grad.clone() for p in mixer.parameters()]]
     for got, expected in zip(results[backend], results["reference"]):
-        assert_close(got, expected, 1e-4, f"{backend} mixer")
+        assert_close(got, expected, fp32_tolerance(backend, device), f"{backend} mixer")
 
 
 def test_torch_backend_ignores_autocast(fresh_backend_log):
