@@ -198,7 +198,7 @@ def _quiet_loggers(*names: str):
 
 def _session(model, source):
     """An onnxruntime session on the CPU with as many threads as PyTorch uses (`runtime.setup_process`), idle
-    threads waiting as OpenMP's do."""
+    threads waiting as OpenMP's do, and memory taken as tensors need it."""
     onnxruntime = _require("onnxruntime", "running ONNX models")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -206,6 +206,9 @@ def _session(model, source):
     # jobs, onnxruntime's spinning threads take the cores from the ones that work, as OpenMP's do.
     spin = os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE"
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    # No memory pattern (one block planned for all of a run's tensors): the unrolled graph's plan holds far more
+    # than the tensors alive at any one time (docs/onnx.md).
+    options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites, not the user's input
     try:
         return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])

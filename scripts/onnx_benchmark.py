@@ -11,11 +11,12 @@ checkpoint file. DIR keeps what each model needs: its checkpoint (paper), its ex
 length) of the bundled example song, batch 1; a later run reuses them. PyTorch int8 is load_model(...,
 quantize="int8").
 
-Each runtime runs in a fresh process of its own (a separation command's set-up, --threads threads), started one
-after another; the first call of each is a warm-up and gives the stems compared. The timed calls then go in turns
-(PyTorch fp32, PyTorch int8, onnxruntime fp32, onnxruntime int8, PyTorch fp32, ...), so that load from other
-jobs falls on all alike. Prints a markdown table: min and median seconds per chunk, the median per second of
-audio and against PyTorch fp32's, the agreement, and peak memory (resident set).
+Each timed call runs in a fresh process (a separation command's set-up, --threads threads), after a warm-up call
+that gives the stems compared; one process at a time, since the paper-size model's take gigabytes each. The
+runtimes take turns (PyTorch fp32, PyTorch int8, onnxruntime fp32, onnxruntime int8, PyTorch fp32, ...), so
+that load from other jobs falls on all alike. Prints a markdown table: min and median seconds per chunk, the
+median per second of audio and against PyTorch fp32's, the agreement, and the processes' peak memory (resident
+set).
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def quantize_onnx(path: Path, out: Path) -> None:
 
 
 def worker(mode: str, model_file: str, input_file: str, output_file: str, threads: int) -> None:
-    """One runtime in this process: a warm-up call whose stems go to `output_file`, then one timed call per
-    line on stdin (its seconds printed), and at the end of stdin the peak memory."""
+    """One runtime in this process: a warm-up call, whose stems go to `output_file`, then one timed call; prints
+    its seconds and the process's peak memory."""
     setup_process(threads=threads)
     runtime, precision = mode.split()
     if runtime == "PyTorch":
@@ -103,39 +104,27 @@ def worker(mode: str, model_file: str, input_file: str, output_file: str, thread
     wave = torch.from_numpy(np.load(input_file))
     with torch.inference_mode():
         np.save(output_file, model(wave).numpy())
-        print("ready", flush=True)
-        for _ in sys.stdin:
-            started = time.perf_counter()
-            model(wave)
-            print(time.perf_counter() - started, flush=True)
-    print(_peak_rss() / 2 ** 20, flush=True)
+        started = time.perf_counter()
+        model(wave)
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": _peak_rss() / 2 ** 20}))
 
 
 def measure(files: dict, folder: Path, threads: int, repeats: int) -> dict:
-    """Every mode's times, agreement with PyTorch fp32 and peak memory, timed in turns."""
+    """Every mode's times, agreement with PyTorch fp32 and peak memory, from fresh processes in turns."""
     model_files = {"PyTorch fp32": files["checkpoint"], "PyTorch int8": files["checkpoint"],
                    "onnxruntime fp32": files["onnx"], "onnxruntime int8": files["onnx int8"]}
-    processes, outputs = {}, {mode: folder / f"stems.{mode.replace(' ', '-')}.npy" for mode in MODES}
-    try:
-        for mode in MODES:  # one warm-up at a time
-            processes[mode] = subprocess.Popen(
-                [sys.executable, __file__, "--worker", mode, str(model_files[mode]), str(files["input"]),
-                 str(outputs[mode]), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            _reply(processes[mode], mode)
-        times = {mode: [] for mode in MODES}
-        for _ in range(repeats):
-            for mode, process in processes.items():
-                process.stdin.write("\n")
-                process.stdin.flush()
-                times[mode].append(float(_reply(process, mode)))
-        peaks = {}
-        for mode, process in processes.items():
-            process.stdin.close()
-            peaks[mode] = float(_reply(process, mode))
-    finally:
-        for process in processes.values():  # done, or left behind by a failure
-            process.kill()
-            process.wait()
+    outputs = {mode: folder / f"stems.{mode.replace(' ', '-')}.npy" for mode in MODES}
+    times, peaks = {mode: [] for mode in MODES}, {mode: 0.0 for mode in MODES}
+    for _ in range(repeats):
+        for mode in MODES:
+            done = subprocess.run([sys.executable, __file__, "--worker", mode, str(model_files[mode]),
+                                   str(files["input"]), str(outputs[mode]), str(threads)], stdout=subprocess.PIPE,
+                                  text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{mode}: its process failed (exit {done.returncode}); see its error above")
+            figures = json.loads(done.stdout.splitlines()[-1])
+            times[mode].append(figures["seconds"])
+            peaks[mode] = max(peaks[mode], figures["peak_mb"])
     expected = np.load(outputs[BASELINE])
     audio_seconds = expected.shape[-1] / OnnxModel(files["onnx"]).sample_rate
     return {mode: {"seconds_min": min(times[mode]), "seconds_median": statistics.median(times[mode]),
@@ -144,13 +133,6 @@ def measure(files: dict, folder: Path, threads: int, repeats: int) -> dict:
                    "agreement_db": None if mode == BASELINE else usdr(expected, np.load(outputs[mode])),
                    "peak_mb": peaks[mode], "audio_seconds": audio_seconds, "repeats": repeats}
             for mode in MODES}
-
-
-def _reply(process: subprocess.Popen, mode: str) -> str:
-    line = process.stdout.readline()
-    if not line:
-        raise SystemExit(f"{mode}: its process ended (exit {process.wait()}); see its error above")
-    return line.strip()
 
 
 def main() -> int:
