@@ -109,14 +109,14 @@ def worker(mode: str, model_file: str, input_file: str, output_file: str, thread
     print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": _peak_rss() / 2 ** 20}))
 
 
-def measure(files: dict, folder: Path, threads: int, repeats: int) -> dict:
-    """Every mode's times, agreement with PyTorch fp32 and peak memory, from fresh processes in turns."""
+def measure(files: dict, folder: Path, modes: list, threads: int, repeats: int) -> dict:
+    """Each of `modes`' times, agreement with PyTorch fp32 and peak memory, from fresh processes in turns."""
     model_files = {"PyTorch fp32": files["checkpoint"], "PyTorch int8": files["checkpoint"],
                    "onnxruntime fp32": files["onnx"], "onnxruntime int8": files["onnx int8"]}
-    outputs = {mode: folder / f"stems.{mode.replace(' ', '-')}.npy" for mode in MODES}
-    times, peaks = {mode: [] for mode in MODES}, {mode: 0.0 for mode in MODES}
+    outputs = {mode: folder / f"stems.{mode.replace(' ', '-')}.npy" for mode in modes}
+    times, peaks = {mode: [] for mode in modes}, {mode: 0.0 for mode in modes}
     for _ in range(repeats):
-        for mode in MODES:
+        for mode in modes:
             done = subprocess.run([sys.executable, __file__, "--worker", mode, str(model_files[mode]),
                                    str(files["input"]), str(outputs[mode]), str(threads)], stdout=subprocess.PIPE,
                                   text=True)
@@ -132,7 +132,7 @@ def measure(files: dict, folder: Path, threads: int, repeats: int) -> dict:
                    "vs_pytorch_fp32": statistics.median(times[mode]) / statistics.median(times[BASELINE]),
                    "agreement_db": None if mode == BASELINE else usdr(expected, np.load(outputs[mode])),
                    "peak_mb": peaks[mode], "audio_seconds": audio_seconds, "repeats": repeats}
-            for mode in MODES}
+            for mode in modes}
 
 
 def main() -> int:
@@ -143,11 +143,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True, help="where the exports and inputs are kept")
     parser.add_argument("--models", default="bundled,paper", help="bundled, paper or checkpoint files, by commas")
+    parser.add_argument("--modes", default=",".join(MODES), help="runtimes to time, by commas; PyTorch fp32 "
+                        "is always timed (default: all four)")
     parser.add_argument("--threads", type=int, default=2, help="threads of every runtime (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each runtime (default: %(default)s)")
     parser.add_argument("--export-only", action="store_true", help="make the files in --dir, time nothing")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
     # The export's peak (gigabytes for the paper model) goes back to the system before the runtimes start.
     setup_process(keep_freed_memory=False, threads=args.threads)
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +163,8 @@ def main() -> int:
         if args.export_only:
             continue
         export = json.loads(files["export"].read_text()) if files["export"].exists() else {}
-        for mode, figures in measure(files, args.dir, args.threads, args.repeats).items():
+        modes = [mode for mode in MODES if mode == BASELINE or mode in args.modes.split(",")]
+        for mode, figures in measure(files, args.dir, modes, args.threads, args.repeats).items():
             records.append({"model": Path(name).stem, "mode": mode, **figures,
                             "export_seconds": export.get("seconds"), "onnx_mb": files["onnx"].stat().st_size / 1e6,
                             "onnx_int8_mb": files["onnx int8"].stat().st_size / 1e6})
@@ -185,7 +191,7 @@ def report(records: list, machine: dict, arguments: str) -> str:
                      f"{r['seconds_per_audio_second']:.3f} | {r['vs_pytorch_fp32']:.2f} | {agreement} | "
                      f"{r['peak_mb'] / 1024:.2f} GiB |")
     lines.append("")
-    for r in records[::len(MODES)]:
+    for r in (r for r in records if r["mode"] == BASELINE):
         export = "reused" if r["export_seconds"] is None else f"{r['export_seconds']:.0f} s"
         lines.append(f"{r['model']}: {r['audio_seconds']:g} s chunks, {r['repeats']} timed calls each; export "
                      f"{export}, {r['onnx_mb']:.1f} MB (int8 {r['onnx_int8_mb']:.1f} MB)")
