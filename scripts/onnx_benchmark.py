@@ -84,8 +84,10 @@ def quantize_onnx(path: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.disable(logging.WARNING)  # the quantizer's advice to pre-process the graph first
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-    logging.disable(logging.NOTSET)
+    try:
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        logging.disable(logging.NOTSET)
     model = onnx.load(str(out))
     del model.metadata_props[:]
     model.metadata_props.extend(onnx.load(str(path), load_external_data=False).metadata_props)
