@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,10 +197,18 @@ def _quiet_loggers(*names: str):
 
 
 def _session(model, source):
-    """An onnxruntime session on the CPU with as many threads as PyTorch uses (`runtime.setup_process`)."""
+    """An onnxruntime session on the CPU with as many threads as PyTorch uses (`runtime.setup_process`), idle
+    threads waiting as OpenMP's do, and memory taken as tensors need it."""
     onnxruntime = _require("onnxruntime", "running ONNX models")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # Idle threads sleep unless OpenMP's are told to spin (`runtime.prepare_openmp`): on a CPU shared with other
+    # jobs, onnxruntime's spinning threads take the cores from the ones that work, as OpenMP's do.
+    spin = os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    # No memory pattern (one block planned for all of a run's tensors): the unrolled graph's plan holds far more
+    # than the tensors alive at any one time (docs/onnx.md).
+    options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites, not the user's input
     try:
         return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])

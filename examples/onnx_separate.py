@@ -56,7 +56,9 @@ def separate(session, meta, wave):
 
 
 def main(model_path, song, out_dir):
-    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.enable_mem_pattern = False  # far less peak memory for the larger models (docs/onnx.md)
+    session = onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     wave, rate = soundfile.read(song, dtype="float32", always_2d=True)
     if rate != int(meta["sample_rate"]):

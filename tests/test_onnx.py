@@ -175,3 +175,40 @@ def test_the_example_separates_without_this_package_or_torch(bundled, tmp_path):
     # The network amplifies float rounding in its input: with numpy's STFT in place of torch's the stems agree to
     # about 66 dB, as close as PyTorch's own stems stay when the song changes by one part in 10⁷.
     assert usdr(expected, got) >= 50
+
+
+def test_the_benchmark_times_each_runtime_and_compares_its_stems(tiny, tmp_path):
+    """scripts/onnx_benchmark.py on the tiny model, with its export already in --dir (the script reuses it)."""
+    checkpoint, path = tiny
+    (tmp_path / "tiny.onnx").write_bytes(path.read_bytes())
+    command = [sys.executable, str(REPO / "scripts" / "onnx_benchmark.py"), "--dir", str(tmp_path), "--models",
+               str(checkpoint), "--repeats", "2", "--json", str(tmp_path / "figures.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = json.loads((tmp_path / "figures.json").read_text())["records"]
+    modes = ["PyTorch fp32", "PyTorch int8", "onnxruntime fp32", "onnxruntime int8"]
+    assert [(r["model"], r["mode"]) for r in records] == [("tiny", mode) for mode in modes]
+    fp32 = records[0]
+    for r in records:
+        assert 0 < r["seconds_min"] <= r["seconds_median"] and r["repeats"] == 2 and r["audio_seconds"] == 0.5
+        assert r["seconds_per_audio_second"] == pytest.approx(r["seconds_median"] / 0.5)
+        assert r["vs_pytorch_fp32"] == pytest.approx(r["seconds_median"] / fp32["seconds_median"])
+        assert r["peak_mb"] > 50 and r["export_seconds"] is None  # a Python with torch; the export was reused
+    agreement = {r["mode"]: r["agreement_db"] for r in records}
+    assert agreement["PyTorch fp32"] is None and agreement["onnxruntime fp32"] >= AGREEMENT_DB
+    assert 10 < agreement["PyTorch int8"] < AGREEMENT_DB and 10 < agreement["onnxruntime int8"] < AGREEMENT_DB
+    table = [line for line in done.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [line.split(" | ")[1] for line in table] == modes
+    assert "tiny: 0.5 s chunks, 2 timed calls each; export reused" in done.stdout
+
+
+def test_onnxruntime_session_suits_a_shared_cpu(tiny, monkeypatch):
+    """Idle threads sleep (on a CPU shared with other jobs, spinning threads slow the working ones) unless
+    OMP_WAIT_POLICY=ACTIVE asks every runtime to spin; no memory pattern (it doubles the paper model's peak)."""
+    from bsmamba2.onnx import OnnxModel
+
+    for policy, spinning in (("PASSIVE", "0"), ("active", "1")):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        options = OnnxModel(tiny[1]).session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+        assert not options.enable_mem_pattern
