@@ -45,11 +45,21 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad)):
+            return self._normalize_in_place(F.silu(z).mul_(y))
         gated = y * F.silu(z)
         if self.group_size == gated.shape[-1]:
             return _rms_normalize(gated, self.eps, self.weight)
         gated = _rms_normalize(gated.unflatten(-1, (-1, self.group_size)), self.eps).flatten(-2)
         return gated * self.weight.to(gated.dtype)
+
+    def _normalize_in_place(self, gated: torch.Tensor) -> torch.Tensor:
+        """The same norm, for inference: in three passes over `gated`, overwriting it (a composed RMSNorm writes
+        the squares, the normalised values and their product with the weight, each to a new tensor)."""
+        groups = gated.unflatten(-1, (-1, self.group_size))
+        mean_square = torch.linalg.vector_norm(groups, dim=-1, keepdim=True, dtype=torch.float32).square_()
+        groups.mul_(mean_square.div_(self.group_size).add_(self.eps).rsqrt_().to(gated.dtype))
+        return gated.mul_(self.weight.to(gated.dtype))
 
 
 class Mamba2(nn.Module):

@@ -245,19 +245,13 @@ def _group_outer(u: torch.Tensor, state: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None):
-    """Depthwise causal conv as `width` shifted multiply-adds, in place on one channel-last output tensor,
-    returned as a (batch, dim, seqlen) view. It reads a channel-last view of a projection without a transposed
-    copy, and multiplies rows of channels by rows of taps, which vectorizes better than the other way round."""
+    """Depthwise causal conv as one grouped 2-D conv (1 × width kernels) in channels-last layout over the input
+    padded with width − 1 zeros in front; returns a (batch, dim, seqlen) view of a channel-last tensor."""
     width = weight.shape[1]
-    seqlen = x.shape[-1]
-    if _is_exporting():  # one Conv node: in the graph, each in-place shifted update below is a scatter and transposes
-        y = F.conv1d(F.pad(x, (width - 1, 0)), weight.to(x.dtype).unsqueeze(1),
-                     None if bias is None else bias.to(x.dtype), groups=x.shape[1])
-        return F.silu(y) if activation in ("silu", "swish") else y
-    rows = x.transpose(1, 2)                                                      # (batch, seqlen, dim)
-    taps = weight.to(x.dtype).t()                                                 # (width, dim)
-    y = rows * taps[-1] if bias is None else torch.addcmul(bias.to(x.dtype), rows, taps[-1])
-    for shift in range(1, min(width, seqlen)):
-        y[:, shift:].addcmul_(rows[:, :-shift], taps[width - 1 - shift])
-    y = y.transpose(1, 2)
-    return F.silu(y) if activation in ("silu", "swish") else y
+    rows = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))                   # (batch, width − 1 + seqlen, dim)
+    image = rows.transpose(1, 2).unsqueeze(2)                               # (batch, dim, 1, ·), channels-last
+    y = F.conv2d(image, weight.to(x.dtype)[:, None, None, :], None if bias is None else bias.to(x.dtype),
+                 groups=x.shape[1])[:, :, 0]
+    if activation in ("silu", "swish"):
+        return F.silu(y, inplace=not y.requires_grad)   # in place where autograd does not need the conv's output
+    return y

@@ -44,6 +44,23 @@ def test_initialisation_follows_mamba_ssm():
     assert torch.equal(mixer.norm.weight, torch.ones(1024))
 
 
+@pytest.mark.parametrize("group_size", [4, 8])
+def test_rmsnorm_gated_inference_path_matches_the_autograd_one(group_size):
+    """Without autograd the gated norm takes its in-place path: same values, inputs left as they were."""
+    torch.manual_seed(0)
+    norm = RMSNormGated(8, eps=1e-5, group_size=group_size)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+    y, z = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    y_before, z_before = y.clone(), z.clone()
+    expected = norm(y, z)
+    assert expected.requires_grad
+    with torch.inference_mode():
+        got = norm(y, z)
+    torch.testing.assert_close(got, expected.detach())
+    assert torch.equal(y, y_before) and torch.equal(z, z_before)
+
+
 def test_rmsnorm_gated_normalises_each_group_after_gating():
     torch.manual_seed(0)
     norm = RMSNormGated(8, eps=1e-5, group_size=4)
