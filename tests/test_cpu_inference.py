@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from bsmamba2.quantize import Int8Linear, check_quantize
 # The tolerance: int8 output against float32, as SDR (dB), on the bundled model and the example song; a few dB
 # below what docs/performance.md reports for the 7-bit activations of x86 CPUs without VNNI (8-bit ones do better).
 MIN_SDR_VS_FP32 = 25.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -102,3 +104,16 @@ def test_loading_on_the_cpu_keeps_freed_memory_unless_opted_out(entry, opt_out):
         assert result["kept_mb"] < 32
     else:
         assert result["kept_mb"] > 200
+
+
+def test_layer_speedups_script_compares_each_fast_path_with_its_plain_formulation():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "layer_speedups.py"), "--config",
+                           str(REPO / "configs" / "synth_vocals.yaml"), "--seconds", "1", "--repeats", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in done.stdout.splitlines()
+            if line.startswith(("causal conv", "gated RMSNorm"))}
+    assert set(rows) == {"causal conv", "gated RMSNorm"}
+    for fields in rows.values():
+        assert float(fields[-2]) > 100          # agreement in dB: the fast paths compute the same thing
+        assert float(fields[3]) > 0 and float(fields[4]) > 0

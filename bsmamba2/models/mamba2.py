@@ -47,7 +47,10 @@ class RMSNormGated(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad)):
             return self._normalize_in_place(F.silu(z).mul_(y))
-        gated = y * F.silu(z)
+        return self._normalize(y * F.silu(z))
+
+    def _normalize(self, gated: torch.Tensor) -> torch.Tensor:
+        """The norm as composed operations, which autograd differentiates."""
         if self.group_size == gated.shape[-1]:
             return _rms_normalize(gated, self.eps, self.weight)
         gated = _rms_normalize(gated.unflatten(-1, (-1, self.group_size)), self.eps).flatten(-2)
