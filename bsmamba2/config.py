@@ -166,12 +166,20 @@ class DataConfig:
     # The stems summed into a training mixture; the model's stems (the targets) must be among them.
     sources: list[str] = field(default_factory=lambda: ["vocals", "drums", "bass", "other"])
     gain_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    # Each stem's gain drawn uniformly in dB instead (null: gain_range); wide ranges teach every vocal level.
+    gain_db_range: Optional[list[float]] = None
     silence_prob: float = 0.1
+    solo_prob: float = 0.0  # an example keeps only one random stem (a track that is nearly all one stem)
+    # With probability level_over_rest_prob, one random model stem is set this many dB (uniform) over the rest of
+    # the mixture, as speech enhancement draws its SNRs: every vocal level is seen, whatever the songs' own mixing.
+    level_over_rest_db: Optional[list[float]] = None
+    level_over_rest_prob: float = 1.0
     mix_different_tracks: bool = True
     min_activity_db: Optional[float] = None  # redraw a stem's segment while its RMS (dBFS) is below this
     channel_swap: bool = False
     polarity_flip: bool = False
     eq_db: float = 0.0  # each stem through a random smooth EQ within ±eq_db dB (0 = off)
+    repitch_semitones: float = 0.0  # each stem sped up or slowed down (pitch and tempo) within ± this (0 = off)
 
     def validate(self, model: ModelConfig) -> None:
         _require(self.segment_seconds > 0, "data.segment_seconds", "must be positive")
@@ -184,7 +192,16 @@ class DataConfig:
         _require(not missing, "data.sources", f"must include every model stem (missing: {', '.join(missing)})")
         _require(len(self.gain_range) == 2 and 0 <= self.gain_range[0] <= self.gain_range[1], "data.gain_range",
                  "must be [low, high] with 0 <= low <= high")
+        _require(self.gain_db_range is None or (len(self.gain_db_range) == 2
+                                                  and self.gain_db_range[0] <= self.gain_db_range[1]),
+                 "data.gain_db_range", "must be [low, high] in dB with low <= high, or null")
         _require(0 <= self.silence_prob < 1, "data.silence_prob", "must be in [0, 1)")
+        _require(0 <= self.solo_prob <= 1, "data.solo_prob", "must be in [0, 1]")
+        _require(self.level_over_rest_db is None or (len(self.level_over_rest_db) == 2
+                                                     and self.level_over_rest_db[0] <= self.level_over_rest_db[1]),
+                 "data.level_over_rest_db", "must be [low, high] in dB with low <= high, or null")
+        _require(0 <= self.level_over_rest_prob <= 1, "data.level_over_rest_prob", "must be in [0, 1]")
+        _require(0 <= self.repitch_semitones <= 12, "data.repitch_semitones", "must be in [0, 12]")
         _require(self.eq_db >= 0, "data.eq_db", "must be a non-negative gain in dB (0 = off)")
         _require(self.min_activity_db is None or self.min_activity_db < 0, "data.min_activity_db",
                  "must be a negative level in dBFS (RMS of a stem's segment), or null to keep every segment")

@@ -3,8 +3,10 @@
 Training examples follow the paper ("Mamba2 Meets Silence"): every source stem comes from its own random track and
 random position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is
 the sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional:
-segments whose stem is quieter than `min_activity_db` are redrawn, channels swapped, polarity flipped, each stem
-given a random EQ (`eq_db`).
+segments whose stem is quieter than `min_activity_db` are redrawn, each stem sped up or slowed down
+(`repitch_semitones`: pitch and tempo together), channels swapped, polarity flipped, given a random EQ (`eq_db`),
+a gain drawn in dB (`gain_db_range`), whole examples reduced to one stem (`solo_prob`), and one target stem set
+at a random level over the rest (`level_over_rest_db`).
 
 Example `index` is a pure function of `(seed, index)`: whichever worker or rank draws it, it is the same, so
 worker seeding, multi-process splits and exact resumption all reduce to "which indices come next"
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import soxr
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -129,9 +132,10 @@ class TrainingSegments(Dataset):
         if self.data.mix_different_tracks:
             # Distinct tracks for the stems whenever there are enough of them.
             picks = rng.choice(len(self.tracks), size=len(self.sources), replace=len(self.tracks) < len(self.sources))
-            stems = [self._active_segment(rng, stem, int(pick)) for stem, pick in zip(self.sources, picks)]
+            stems = [self._active_segment(rng, stem, int(pick), self._speed(rng))
+                     for stem, pick in zip(self.sources, picks)]
         else:
-            stems = self._aligned_segments(rng)
+            stems = self._aligned_segments(rng, self._speed(rng))
         for audio in stems:
             if self.data.channel_swap and rng.random() < 0.5:
                 audio[:] = audio[::-1].copy()
@@ -139,27 +143,41 @@ class TrainingSegments(Dataset):
                 audio *= -1
             if self.data.eq_db > 0:
                 audio[:] = random_eq(audio, rng, self.data.eq_db, self.sample_rate)
-        gains = rng.uniform(*self.data.gain_range, size=len(stems)) * (rng.random(len(stems)) >= self.data.silence_prob)
-        stems = np.stack(stems) * gains[:, None, None].astype(np.float32)
+        if self.data.gain_db_range is None:
+            gains = rng.uniform(*self.data.gain_range, size=len(stems))
+        else:
+            gains = 10 ** (rng.uniform(*self.data.gain_db_range, size=len(stems)) / 20)
+        kept = rng.random(len(stems)) >= self.data.silence_prob
+        if self.data.solo_prob > 0 and rng.random() < self.data.solo_prob:
+            kept = np.arange(len(stems)) == rng.integers(len(stems))
+        stems = np.stack(stems) * (gains * kept)[:, None, None].astype(np.float32)
+        if self.data.level_over_rest_db is not None and rng.random() < self.data.level_over_rest_prob:
+            set_level_over_rest(stems, int(rng.choice(self.target_positions)), rng.uniform(*self.data.level_over_rest_db))
         mixture = stems.sum(axis=0)
         return torch.from_numpy(mixture), torch.from_numpy(stems[self.target_positions])
 
-    def _active_segment(self, rng: np.random.Generator, stem: str, track: int) -> np.ndarray:
+    def _speed(self, rng: np.random.Generator) -> float:
+        """A playback speed for `repitch_semitones` (1 when off: then nothing is drawn, so older configs' examples
+        stay as they were)."""
+        semitones = self.data.repitch_semitones
+        return 2 ** (rng.uniform(-semitones, semitones) / 12) if semitones > 0 else 1.0
+
+    def _active_segment(self, rng: np.random.Generator, stem: str, track: int, speed: float) -> np.ndarray:
         """One stem's segment from `track`; when filtering, redrawn (track and position) while too quiet."""
         for attempt in range(self.attempts):
             if attempt:
                 track = int(rng.integers(len(self.tracks)))
-            audio = self._read(self.tracks[track], stem, self._start(rng, self.tracks[track]))
+            audio = self._read(self.tracks[track], stem, rng, speed)
             if self._active(audio):
                 break
         return audio
 
-    def _aligned_segments(self, rng: np.random.Generator) -> list[np.ndarray]:
+    def _aligned_segments(self, rng: np.random.Generator, speed: float) -> list[np.ndarray]:
         """All stems from one track at one position (a real song excerpt); filtering looks at the targets."""
         for _ in range(self.attempts):
             track = self.tracks[int(rng.integers(len(self.tracks)))]
-            start = self._start(rng, track)
-            stems = [self._read(track, stem, start) for stem in self.sources]
+            start = self._start(rng, track, self._source_frames(speed))
+            stems = [self._read_at(track, stem, start, speed) for stem in self.sources]
             if all(self._active(stems[i]) for i in self.target_positions):
                 break
         return stems
@@ -167,11 +185,24 @@ class TrainingSegments(Dataset):
     def _active(self, audio: np.ndarray) -> bool:
         return self.data.min_activity_db is None or level_db(audio) >= self.data.min_activity_db
 
-    def _start(self, rng: np.random.Generator, track) -> int:
-        return int(rng.integers(max(track.frames - self.frames, 0) + 1))
+    def _start(self, rng: np.random.Generator, track, frames: int) -> int:
+        return int(rng.integers(max(track.frames - frames, 0) + 1))
 
-    def _read(self, track, stem: str, start: int) -> np.ndarray:
-        return to_channels(_fit_length(track.read(stem, start, self.frames), self.frames), self.channels)
+    def _source_frames(self, speed: float) -> int:
+        """Frames to read so that playing them at `speed` fills one segment."""
+        return self.frames if speed == 1 else math.ceil(self.frames * speed)
+
+    def _read(self, track, stem: str, rng: np.random.Generator, speed: float) -> np.ndarray:
+        return self._read_at(track, stem, self._start(rng, track, self._source_frames(speed)), speed)
+
+    def _read_at(self, track, stem: str, start: int, speed: float) -> np.ndarray:
+        frames = self._source_frames(speed)
+        audio = to_channels(_fit_length(track.read(stem, start, frames), frames), self.channels)
+        if speed != 1:
+            # Played back `speed` times faster: the frames, taken at rate·speed, resampled to the rate.
+            audio = soxr.resample(audio.T, self.sample_rate * speed, self.sample_rate, quality="HQ").T
+            audio = _fit_length(np.ascontiguousarray(audio, dtype=np.float32), self.frames)
+        return audio
 
 
 class StreamBatches(Sampler):
@@ -221,6 +252,17 @@ class ValidationTracks:
         targets = np.stack([read(stem) for stem in self.stems])
         mixture = read("mixture") if track.has_mixture else sum(read(stem) for stem in self.sources)
         return ValidationItem(mixture, targets)
+
+
+def set_level_over_rest(stems: np.ndarray, position: int, level_db: float) -> None:
+    """Scale stem `position` of `stems` (stems, channels, samples) up and the others down by the same factor, in
+    place, so that its energy is `level_db` over the rest's; nothing changes when either is silent."""
+    stem_energy = float(np.sum(np.square(stems[position], dtype=np.float64)))
+    rest_energy = float(np.sum(np.square(stems.sum(axis=0) - stems[position], dtype=np.float64)))
+    if stem_energy > 0 and rest_energy > 0:
+        factor = (10 ** (level_db / 10) * rest_energy / stem_energy) ** 0.25  # the square root of the amplitude ratio
+        stems *= np.float32(1 / factor)
+        stems[position] *= np.float32(factor ** 2)
 
 
 def random_eq(audio: np.ndarray, rng: np.random.Generator, max_db: float, sample_rate: int) -> np.ndarray:

@@ -92,6 +92,45 @@ def test_channel_swap_and_polarity(data_root):
     assert 0 < sum(swapped) < 20 and 0 < sum(flipped) < 20
 
 
+def test_gains_in_db_cover_the_range(data_root):
+    config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "gain_db_range": [-20, 10]})
+    dataset = TrainingSegments(split_tracks(config)[0], config)
+    bass_db = [20 * np.log10(dataset[index][1][2].abs().max().item() / 0.3) for index in range(60)]
+    assert -20 <= min(bass_db) < -15 and 5 < max(bass_db) <= 10
+
+
+def test_solo_examples_keep_one_stem(data_root):
+    config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "solo_prob": 1.0})
+    dataset = TrainingSegments(split_tracks(config)[0], config)
+    kept = []
+    for index in range(24):
+        mixture, targets = dataset[index]
+        active = [bool(stem.abs().max() > 0) for stem in targets]
+        assert sum(active) == 1
+        torch.testing.assert_close(targets.sum(0), mixture, rtol=0, atol=1e-6)
+        kept.append(active.index(True))
+    assert set(kept) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("mix_different_tracks", [True, False])
+def test_repitch_changes_speed_within_range(data_root, mix_different_tracks):
+    config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "gain_range": [1.0, 1.0],
+                                                       "repitch_semitones": 3.0,
+                                                       "mix_different_tracks": mix_different_tracks})
+    dataset = TrainingSegments(split_tracks(config)[0], config)
+    frames = round(config.data.segment_seconds * RATE)
+    ratios = []
+    for index in range(20):
+        mixture, targets = dataset[index]
+        assert targets.shape == (4, 2, frames)
+        torch.testing.assert_close(targets.sum(0), mixture, rtol=0, atol=1e-6)
+        bass = targets[2, 0].numpy()  # a sine of 55 + 5·track Hz
+        spectrum = np.abs(np.fft.rfft(bass * np.hanning(frames), n=16 * frames))
+        peak_hz = np.argmax(spectrum) * RATE / (16 * frames)
+        ratios.append(12 * np.log2(peak_hz / (55 + 5 * source_track(targets[2].numpy()))))
+    assert -3.1 < min(ratios) < -1 and 1 < max(ratios) < 3.1
+
+
 def test_random_eq_is_a_bounded_zero_phase_gain():
     tone = np.stack([np.sin(2 * np.pi * 1000 * np.arange(RATE) / RATE)] * 2)  # whole cycles: one FFT bin
     rng = np.random.default_rng(0)
