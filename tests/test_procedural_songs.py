@@ -1,0 +1,96 @@
+"""Songs synthesised with numpy (tools/procedural_songs.py) and the generalisation check built on its held-out
+family (scripts/generalisation.py), run as a user runs them. The held-out voices need Debian's flite."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from bsmamba2.metrics import usdr
+
+REPO = Path(__file__).resolve().parents[1]
+STEMS = ("vocals", "drums", "bass", "other")
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt-get install flite)")
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+songs = load(REPO / "tools" / "procedural_songs.py")
+generalisation = load(REPO / "scripts" / "generalisation.py")
+
+
+def test_renders_musdb_style_songs_whose_mixture_is_the_sum(tmp_path):
+    command = [sys.executable, str(REPO / "tools" / "procedural_songs.py"), str(tmp_path), "--tracks", "2",
+               "--duration", "3", "--seed", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    folders = sorted((tmp_path / "train").iterdir())
+    assert [folder.name for folder in folders] == ["proc_synth_4_00000", "proc_synth_4_00001"]
+    for folder in folders:
+        audio = {stem: sf.read(folder / f"{stem}.wav", dtype="int16")[0].astype(np.int32)
+                 for stem in (*STEMS, "mixture")}
+        assert audio["mixture"].shape == (3 * songs.RATE, 2)
+        assert np.array_equal(audio["mixture"], sum(audio[stem] for stem in STEMS))
+        assert all(np.abs(audio[stem]).max() > 100 for stem in ("drums", "bass", "other"))
+    # a second run skips finished songs and leaves them as they are
+    before = (folders[0] / "mixture.wav").stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == "" and (folders[0] / "mixture.wav").stat().st_mtime_ns == before
+
+
+def test_a_song_is_a_function_of_its_seed_and_index():
+    first, again = songs.render_song("synth", 3, 1, 2.0), songs.render_song("synth", 3, 1, 2.0)
+    other = songs.render_song("synth", 3, 2, 2.0)
+    assert all(np.array_equal(first[stem], again[stem]) for stem in STEMS)
+    assert not np.array_equal(first["other"], other["other"])
+
+
+def test_karplus_strong_pluck_sounds_at_its_pitch():
+    tone = songs.pluck(220.0, songs.RATE, np.random.default_rng(0))
+    segment = tone[: songs.RATE // 4]
+    autocorrelation = [np.dot(segment[:-lag], segment[lag:]) for lag in range(50, 1000)]
+    assert abs(50 + np.argmax(autocorrelation) - songs.RATE / 220) <= 1.5   # periodic at 220 Hz's period
+    assert np.abs(tone[-1000:]).max() < 0.3 * np.abs(tone).max()  # it decays
+
+
+def test_mix_at_level_sets_the_vocal_level_exactly():
+    rng = np.random.default_rng(1)
+    stems = {stem: rng.standard_normal((2, 4000)) * scale for stem, scale in zip(STEMS, (0.3, 0.1, 0.2, 0.05))}
+    for level in (-6.0, 0.0, 12.0):
+        vocals, accompaniment, mixture = generalisation.mix_at_level(stems, level)
+        assert usdr(vocals, mixture) == pytest.approx(level, abs=0.01)   # the mixture as the vocals estimate
+        assert np.abs(mixture).max() == pytest.approx(0.89, abs=1e-6)
+        np.testing.assert_allclose(vocals + accompaniment, mixture, atol=1e-6)
+
+
+@needs_flite
+def test_generalisation_reports_the_improvement_per_level(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "generalisation.py"), "--songs", "1",
+                             "--duration", "3", "--levels", "0", "12", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert list(results["levels"]) == ["+0 dB", "+12 dB"]
+    at_zero = results["levels"]["+0 dB"]
+    # at 0 dB both references have the same energy and share one error (no_vocals = mixture − vocals estimate)
+    assert at_zero["vocals"]["tracks"] == pytest.approx(at_zero["accompaniment"]["tracks"], abs=0.02)
+    every = [value for row in results["levels"].values() for stem in row.values() for value in stem["tracks"]]
+    assert results["min_improvement_db"] == min(every) and np.isfinite(every).all()
+    assert "| +12 dB |" in result.stdout
+
+
+def test_generalisation_refuses_a_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "generalisation.py"), "--checkpoint",
+                             str(tmp_path / "nothing.ckpt")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

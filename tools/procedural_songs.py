@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Multitrack songs synthesised with numpy and scipy alone, in the MUSDB18-HQ folder layout.
+
+A second way of making songs beside tools/gen_multitrack.py (General MIDI soundfonts through FluidSynth, espeak-ng
+voices), in two families of instruments that share no sound source:
+
+  synth     training songs: subtractive (band-limited saw or square through a low-pass), two-operator FM and
+            additive organ voices; a swept-sine kick, noise snare and hi-hat; a formant singer (glottal pulses
+            through vowel resonators, with vibrato and consonant noise); a room reverb on every stem.
+  holdout   evaluation songs only (scripts/generalisation.py): Karplus–Strong plucked strings and bass, tuned
+            toms, clave and shaker, and voices *spoken* by flite (a diphone speech synthesiser no training song
+            uses); dry, with other pans. Needs Debian's `flite`.
+
+  python tools/procedural_songs.py OUT --tracks 100 --duration 30 --seed 5 [--family synth] [--subset train]
+
+Writes OUT/<subset>/proc_<family>_<seed>_<i>/{vocals,drums,bass,other,mixture}.wav (44.1 kHz stereo 16-bit,
+mixture = the sum of the stems sample-exactly); song i of seed s is drawn from the generator seeded [s, i], so any
+song can be rendered again alone. `render_song` returns the stems as arrays, for scripts that mix them themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import signal
+
+RATE = 44100
+STEMS = ("vocals", "drums", "bass", "other")
+FAMILIES = ("synth", "holdout")
+PROGRESSIONS = ([0, 4, 5, 3], [0, 5, 3, 4], [5, 3, 0, 4], [0, 3, 4, 4], [0, 2, 5, 4], [0, 3, 0, 4])
+SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10]}
+# First three formants (Hz) of five vowels, an adult male voice (Peterson & Barney's averages, rounded).
+VOWELS = np.array([[730, 1090, 2440], [530, 1840, 2480], [270, 2290, 3010], [570, 840, 2410], [300, 870, 2240]])
+WORDS = ("the night is long and the road is wide we walk along the river side under a sky of silver light "
+         "every morning brings a new song hold my hand and never let it go the city sleeps while we are "
+         "dreaming of the sea a thousand miles away from home tell me what you see when the lights go down").split()
+
+
+def midi_hz(note) -> np.ndarray:
+    return 440.0 * 2.0 ** ((np.asarray(note, dtype=float) - 69) / 12)
+
+
+def envelope(n: int, attack: float, release: float, sustain: float = 1.0, decay: float = 0.0) -> np.ndarray:
+    """Attack, exponential decay towards `sustain`, release at the end; `n` samples."""
+    t = np.arange(n) / RATE
+    env = sustain + (1 - sustain) * np.exp(-t / decay) if decay > 0 else np.full(n, sustain)
+    env *= np.minimum(1.0, t / max(attack, 1e-4))
+    tail = min(n, int(release * RATE))
+    if tail:
+        env[n - tail:] *= np.linspace(1, 0, tail)
+    return env
+
+
+def harmonics(phase: np.ndarray, frequency: float, weight) -> np.ndarray:
+    """Σ weight(k) sin(k·phase) over the harmonics below 10 kHz (band-limited: no aliasing)."""
+    out = np.zeros_like(phase)
+    for k in range(1, int(10000 / max(frequency, 20)) + 1):
+        w = weight(k)
+        if w:
+            out += w * np.sin(k * phase)
+    return out
+
+
+def lowpass(x: np.ndarray, cutoff: float, order: int = 2) -> np.ndarray:
+    return signal.sosfilt(signal.butter(order, min(cutoff, 0.45 * RATE), fs=RATE, output="sos"), x)
+
+
+def bandpass(x: np.ndarray, low: float, high: float, order: int = 2) -> np.ndarray:
+    return signal.sosfilt(signal.butter(order, [low, min(high, 0.45 * RATE)], "bandpass", fs=RATE, output="sos"), x)
+
+
+# ---- synth family: instruments ------------------------------------------------------------------------------------
+
+def subtractive(frequency: float, n: int, rng) -> np.ndarray:
+    phase = 2 * np.pi * frequency * np.arange(n) / RATE
+    odd_only = rng.random() < 0.4  # square rather than saw
+    wave = sum(harmonics(phase * (1 + detune), frequency, lambda k: (k % 2 or not odd_only) / k)
+               for detune in (0.0, 0.004, -0.003)[: 1 + int(rng.integers(3))])
+    return lowpass(wave, rng.uniform(2, 8) * frequency) * envelope(n, rng.uniform(0.005, 0.2), 0.05, 0.6, 0.3)
+
+
+def fm(frequency: float, n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    ratio, depth = rng.choice([1.0, 2.0, 3.0, 3.5]), rng.uniform(1, 5)
+    index = depth * np.exp(-t / rng.uniform(0.1, 0.6))
+    return np.sin(2 * np.pi * frequency * t + index * np.sin(2 * np.pi * ratio * frequency * t)) \
+        * envelope(n, 0.003, 0.05, 0.3, rng.uniform(0.2, 0.8))
+
+
+def organ(frequency: float, n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    drawbars = {k: rng.uniform(0, 1) for k in (1, 2, 3, 4, 6, 8)}
+    wave = harmonics(2 * np.pi * frequency * t, frequency, lambda k: drawbars.get(k, 0.0) / 2)
+    return wave * (1 + 0.1 * np.sin(2 * np.pi * 6 * t)) * envelope(n, 0.01, 0.03)
+
+
+def sub_bass(frequency: float, n: int, rng) -> np.ndarray:
+    phase = 2 * np.pi * frequency * np.arange(n) / RATE
+    return (np.sin(phase) + rng.uniform(0, 0.5) * np.sin(2 * phase)) * envelope(n, 0.005, 0.04, 0.7, 0.2)
+
+
+def kick(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    sweep = 45 + rng.uniform(60, 120) * np.exp(-t / 0.04)
+    return np.sin(2 * np.pi * np.cumsum(sweep) / RATE) * np.exp(-t / rng.uniform(0.1, 0.3))
+
+
+def snare(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    noise = bandpass(rng.standard_normal(n), 1000, 7000) * np.exp(-t / rng.uniform(0.05, 0.15))
+    return noise + 0.5 * np.sin(2 * np.pi * rng.uniform(170, 220) * t) * np.exp(-t / 0.05)
+
+
+def hat(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    return signal.sosfilt(signal.butter(4, 7000, "highpass", fs=RATE, output="sos"), rng.standard_normal(n)) \
+        * np.exp(-t / rng.uniform(0.015, 0.06)) * 0.5
+
+
+def sung_syllable(frequency: float, n: int, rng, formant_scale: float) -> np.ndarray:
+    """A glottal pulse train (harmonics falling 12 dB an octave) with vibrato, through one vowel's three formant
+    resonators, after a short consonant of noise."""
+    t = np.arange(n) / RATE
+    vibrato = 1 + 0.012 * np.sin(2 * np.pi * rng.uniform(4.5, 6.5) * t) * np.minimum(1, t / 0.3)
+    phase = 2 * np.pi * np.cumsum(frequency * vibrato) / RATE
+    source = harmonics(phase, frequency * 1.02, lambda k: 1 / k ** 2) + 0.02 * rng.standard_normal(n)
+    formants = VOWELS[rng.integers(len(VOWELS))] * formant_scale
+    voice = sum(bandpass(source, f * 0.9, f * 1.1) * gain for f, gain in zip(formants, (1.0, 0.6, 0.3)))
+    voice *= envelope(n, 0.04, 0.08)
+    if rng.random() < 0.6:
+        consonant = min(n, int(rng.uniform(0.02, 0.08) * RATE))
+        band = (3000, 9000) if rng.random() < 0.5 else (1000, 4000)
+        voice[:consonant] += 0.3 * bandpass(rng.standard_normal(consonant), *band) * np.hanning(consonant)
+    return voice
+
+
+# ---- holdout family: instruments ----------------------------------------------------------------------------------
+
+def pluck(frequency: float, n: int, rng, brightness: float = 1.0) -> np.ndarray:
+    """Karplus–Strong: a noise burst circulating in a delay line of one period, averaged (damped) each pass."""
+    period = max(2, int(round(RATE / frequency)))
+    burst = np.zeros(n)
+    excitation = lowpass(rng.uniform(-1, 1, period), brightness * rng.uniform(2000, 8000))
+    burst[:period] = excitation - excitation.mean()  # no DC: the loop would hold it for seconds
+    feedback = np.zeros(period + 2)
+    feedback[0], feedback[period], feedback[period + 1] = 1.0, -0.495, -0.495  # a loss of 1 % a pass
+    return signal.lfilter([1.0], feedback, burst) * envelope(n, 0.001, 0.02)
+
+
+def tom(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    pitch = rng.uniform(80, 220) * (1 + 0.2 * np.exp(-t / 0.02))
+    return np.sin(2 * np.pi * np.cumsum(pitch) / RATE) * np.exp(-t / rng.uniform(0.08, 0.2))
+
+
+def clave(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    return 0.6 * np.sin(2 * np.pi * rng.uniform(2000, 3000) * t) * np.exp(-t / 0.012)
+
+
+def shaker(n: int, rng) -> np.ndarray:
+    t = np.arange(n) / RATE
+    return 0.4 * bandpass(rng.standard_normal(n), 4000, 10000) * np.sin(np.pi * np.minimum(t / 0.07, 1))
+
+
+def spoken_phrase(words: int, rng, voice: str) -> np.ndarray:
+    """flite speaking `words` random words, at 44.1 kHz."""
+    import soundfile
+    import soxr
+
+    if not shutil.which("flite"):
+        raise SystemExit("the holdout family's voices need flite: apt-get install flite")
+    text = " ".join(rng.choice(WORDS, size=words))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "phrase.wav")
+        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", path], check=True, capture_output=True)
+        audio, rate = soundfile.read(path, dtype="float64")
+    return soxr.resample(audio, rate, RATE)
+
+
+# ---- composition ------------------------------------------------------------------------------------------------
+
+def place(track: np.ndarray, start: float, sound: np.ndarray, gain: float = 1.0) -> None:
+    first = int(start * RATE)
+    if first < len(track):
+        end = min(len(track), first + len(sound))
+        track[first:end] += gain * sound[: end - first]
+
+
+def pan(mono: np.ndarray, position: float) -> np.ndarray:
+    """Constant-power pan, position in [−1, 1] (left to right): (2, n)."""
+    angle = (position + 1) * np.pi / 4
+    return np.stack([np.cos(angle) * mono, np.sin(angle) * mono])
+
+
+def reverb(stereo: np.ndarray, rng) -> np.ndarray:
+    """A room: each channel convolved with its own exponentially decaying noise, mixed in at random wetness."""
+    seconds = rng.uniform(0.3, 1.2)
+    t = np.arange(int(seconds * RATE)) / RATE
+    wet = rng.uniform(0.05, 0.25)
+    tails = [signal.fftconvolve(channel, rng.standard_normal(t.size) * np.exp(-6.9 * t / seconds))[: channel.size]
+             for channel in stereo]
+    tails = np.stack(tails)
+    return stereo + wet * tails * np.sqrt(np.mean(stereo ** 2) / max(np.mean(tails ** 2), 1e-12))
+
+
+def render_song(family: str, seed: int, index: int, duration: float) -> dict:
+    """The four stems of song `index` of `seed`, {stem: float64 (2, samples)}, before any level normalisation."""
+    rng = np.random.default_rng([seed, index, FAMILIES.index(family)])
+    n = int(duration * RATE)
+    beat = 60 / rng.uniform(80, 150)
+    scale = SCALES[rng.choice(list(SCALES))]
+    root = int(rng.integers(40, 52))  # bass register, E2 to D#3
+    progression = PROGRESSIONS[rng.integers(len(PROGRESSIONS))]
+    bars = int(np.ceil(duration / (4 * beat)))
+
+    def degree(step: int, octave: int = 0) -> int:
+        return root + 12 * (octave + step // 7) + scale[step % 7]
+
+    mono = {stem: np.zeros(n) for stem in STEMS}
+    if family == "synth":
+        chord_voice, bass_voice = [subtractive, fm, organ][rng.integers(3)], [subtractive, fm, sub_bass][rng.integers(3)]
+        drum_voices = {"kick": kick, "snare": snare, "hat": hat}
+    else:
+        brightness = rng.uniform(0.5, 1.5)
+
+        def chord_voice(frequency, length, generator):
+            return pluck(frequency, length, generator, brightness)
+
+        def bass_voice(frequency, length, generator):
+            return pluck(frequency, length, generator, 0.2)
+        drum_voices = {"kick": tom, "snare": clave, "hat": shaker}
+    arpeggio = rng.random() < 0.5
+    for bar in range(bars):
+        chord = progression[bar % len(progression)]
+        start = bar * 4 * beat
+        notes = [degree(chord + offset, 1) for offset in (0, 2, 4)]
+        if arpeggio:
+            for step in range(8):
+                note = notes[step % 3] + 12 * (step // 3 % 2)
+                place(mono["other"], start + step * beat / 2, chord_voice(midi_hz(note), int(beat * RATE), rng), 0.3)
+        else:
+            for note in notes:
+                place(mono["other"], start, chord_voice(midi_hz(note), int(4 * beat * RATE), rng), 0.25)
+        for step in range(0, 4, 1 if rng.random() < 0.5 else 2):
+            place(mono["bass"], start + step * beat, bass_voice(midi_hz(degree(chord)), int(beat * RATE), rng), 0.5)
+        for step in range(8):
+            hit = [name for name, on in (("kick", step in (0, 4) or rng.random() < 0.1),
+                                         ("snare", step in (2, 6)), ("hat", rng.random() < 0.8)) if on]
+            for name in hit:
+                place(mono["drums"], start + step * beat / 2, drum_voices[name](int(0.4 * RATE), rng), 0.6)
+    vocal_bars = rng.random(bars) < rng.uniform(0.4, 0.9)
+    if family == "synth":
+        formant_scale = rng.choice([1.0, 1.17])  # male or female vocal tract
+        octave = 1 if formant_scale == 1.0 else 2
+        for bar in np.flatnonzero(vocal_bars):
+            step_beats = rng.choice([0.5, 1.0])
+            for position in np.arange(0, 4, step_beats):
+                if rng.random() < 0.85:
+                    note = degree(progression[bar % len(progression)] + int(rng.integers(-2, 5)), octave)
+                    syllable = sung_syllable(midi_hz(note), int(step_beats * beat * RATE * 0.95), rng, formant_scale)
+                    place(mono["vocals"], (bar * 4 + position) * beat, syllable)
+    else:
+        voice = str(rng.choice(["kal", "awb", "rms", "slt", "kal16"]))
+        vocal_bars[0] = True  # every evaluation song has a voice
+        for bar in np.flatnonzero(vocal_bars[::2]) * 2:
+            place(mono["vocals"], bar * 4 * beat + rng.uniform(0, beat), spoken_phrase(int(rng.integers(4, 9)), rng,
+                                                                                       voice))
+    positions = {"vocals": 0.0, "drums": rng.uniform(-0.2, 0.2), "bass": 0.0, "other": rng.uniform(-0.6, 0.6)}
+    stems = {}
+    for stem in STEMS:
+        level = np.sqrt(np.mean(mono[stem] ** 2))
+        stereo = pan(mono[stem] / level * 0.1 if level > 0 else mono[stem], positions[stem])
+        stems[stem] = reverb(stereo, rng) if family == "synth" and level > 0 else stereo
+    return stems
+
+
+def write_song(folder: Path, stems: dict, rng) -> None:
+    """16-bit stems at random levels (peak of the mixture at most −1 dBFS), and their exact sum as the mixture."""
+    import soundfile
+
+    gains = {stem: 10 ** (rng.uniform(-6, 3) / 20) for stem in STEMS}
+    peak = np.max(np.abs(sum(gains[stem] * stems[stem] for stem in STEMS)))
+    scale = 0.89 / max(peak, 1e-9)
+    quantised = {stem: np.round(np.clip(gains[stem] * scale * stems[stem], -1, 1) * 32767).astype(np.int32)
+                 for stem in STEMS}
+    mixture = sum(quantised.values())
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, audio in {**quantised, "mixture": np.clip(mixture, -32768, 32767)}.items():
+        soundfile.write(folder / f"{stem}.wav", audio.T.astype(np.int16), RATE, subtype="PCM_16")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--tracks", type=int, default=4)
+    parser.add_argument("--first", type=int, default=0, help="index of the first song (to add songs to a set)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per song")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="synth")
+    parser.add_argument("--subset", default="train")
+    args = parser.parse_args(argv)
+    for index in range(args.first, args.first + args.tracks):
+        name = f"proc_{args.family}_{args.seed}_{index:05d}"
+        folder = Path(args.out) / args.subset / name
+        if (folder / "mixture.wav").exists():
+            continue
+        stems = render_song(args.family, args.seed, index, args.duration)
+        write_song(folder, stems, np.random.default_rng([args.seed, index, 99]))
+        print(f"{name}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
