@@ -189,6 +189,15 @@ def test_only_listed_files_are_served_and_removal_deletes_them(app, tmp_path):
     assert job["id"] not in [listed["id"] for listed in call("GET", app.url + "api/jobs").json()]
 
 
+def test_an_upload_named_with_dots_gets_a_plain_track_name(app, tmp_path):
+    """`...wav` without its extension is "..": as the zip's folder, naive unzip tools would write a folder up."""
+    song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=10), 44100)
+    job = wait(app, upload(app, song, name="...wav").json()["id"])
+    with zipfile.ZipFile(io.BytesIO(fetch(app, job["id"], "stems.zip").content)) as bundle:
+        assert bundle.namelist() == ["track/vocals.wav", "track/drums.wav"]
+    assert 'filename="track_vocals.wav"' in fetch(app, job["id"], "vocals").headers["content-disposition"]
+
+
 def test_other_web_sites_cannot_read_or_change_the_jobs(app, tmp_path):
     """A page of another site open in the same browser may send requests here: it is refused."""
     song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=9), 44100)
