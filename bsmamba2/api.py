@@ -28,16 +28,16 @@ from .apply import apply_model
 from .audio import BLOCK_FRAMES, AudioReader, AudioWriter, check_output_format, finite, resample_blocks
 from .checkpoint import load_model
 from .errors import BSMamba2Error
-from .files import refuse_overwrite
+from .files import path_inside, refuse_overwrite, track_name
 from .pretrained import default_checkpoint
 from .quantize import check_quantize
 from .runtime import resolve_device
 
 log = logging.getLogger("bsmamba2")
 
-# --filename's fields: the input's name without extension, the stem, the output's extension, the input's extension
-# (without the dot) and the input's folder relative to the folder or glob it was found under ("" for a file named
-# directly)
+# --filename's fields: the input's name without extension (as a plain name: `files.track_name`), the stem, the
+# output's extension, the input's extension (without the dot) and the input's folder relative to the folder or glob
+# it was found under ("" for a file named directly)
 FILENAME_FIELDS = ("track", "stem", "ext", "input_ext", "folder")
 
 
@@ -190,10 +190,11 @@ class Separator:
     def output_paths(self, path: Union[str, Path], out_dir: Union[str, Path], folder: str = "",
                      filename: Optional[str] = None) -> dict[str, Path]:
         """Where `separate_file(path, out_dir, folder=folder)` writes each stem (with `filename`: where it would
-        with that template)."""
+        with that template); a path that would leave `out_dir` is refused."""
         path = Path(path)
-        return {name: Path(out_dir) / render_filename(filename or self.filename, track=path.stem, stem=name,
-                                                      ext=self.file_format, input_ext=path.suffix[1:], folder=folder)
+        return {name: path_inside(out_dir, render_filename(filename or self.filename, track=track_name(path),
+                                                           stem=name, ext=self.file_format,
+                                                           input_ext=path.suffix[1:], folder=folder))
                 for name in self.outputs}
 
     def _separate_blocks(self, blocks: Iterable[np.ndarray], sample_rate: int) -> Iterator[np.ndarray]:

@@ -7,15 +7,17 @@ Separation-Training's `bs_mamba2_vocals.ckpt`) hold the same parameter names, po
 `model` / `ema`-like keys and prefixed with `model.` / `module.`; without a stored config they get the paper vocals
 config.
 
-Checkpoints are data: nothing in one is ever run. torch files load with `weights_only=True`; a zip checkpoint
-that also pickles other objects (Lightning's hyper-parameters and callbacks) is read by a restricted unpickler
-that rebuilds tensors, containers and plain values and turns every other object into an inert `Placeholder`.
+Checkpoints are data: nothing in one is ever run, and what one makes us allocate is bounded by its size. torch
+files are read by a restricted unpickler that rebuilds tensors, containers and plain values and turns every other
+object (Lightning's hyper-parameters and callbacks, or worse) into an inert `Placeholder`; what it returns is then
+rebuilt of plain dicts, lists and tensors, so that no method a pickle could have set is ever called.
 """
 from __future__ import annotations
 
 import codecs
 import collections
 import functools
+import io
 import json
 import logging
 import pickle
@@ -45,6 +47,13 @@ ANCHOR_KEY = "final_norm.gamma"
 # The metadata of our .safetensors checkpoints: the config (JSON of Config.to_dict()) and the writing version.
 CONFIG_METADATA = "bsmamba2.config"
 VERSION_METADATA = "bsmamba2.version"
+
+# How deep containers may nest in a torch checkpoint (Lightning's nest a few levels): deeper, or a loop, is refused.
+MAX_NESTING = 100
+
+# The pickles of a torch file in the format before torch 1.6: magic number, protocol, system information, the
+# object itself, storage keys; the storages' bytes follow.
+LEGACY_PICKLES = 5
 
 
 def build_model(config: Config) -> BSMamba2:
@@ -124,18 +133,22 @@ def _mismatches(weights: dict, expected: dict) -> list:
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:
-    """The dict inside a PyTorch, Lightning or safetensors checkpoint, on the CPU; nothing in the file is run.
+    """The dict inside a PyTorch, Lightning or safetensors checkpoint, on the CPU; nothing in the file is run, and
+    reading it takes at most about twice its size in memory.
 
     Errors (missing, unreadable, refused, not a dict) are one line.
     """
     path = Path(path)
     if not path.is_file():
         raise BSMamba2Error(f"checkpoint {path}: no such file")
-    kind = _file_kind(path)
+    try:
+        kind = _file_kind(path)
+    except OSError as error:
+        raise BSMamba2Error(f"checkpoint {path}: cannot read it ({error.strerror or error})") from None
     if kind == "safetensors":
         payload = _read_safetensors(path)
     elif kind:
-        payload = _read_torch(path, kind)
+        payload = _plain(_read_torch(path, kind), path)
     else:
         raise BSMamba2Error(f"checkpoint {path}: not a PyTorch, Lightning or safetensors checkpoint")
     if not isinstance(payload, dict):
@@ -158,29 +171,22 @@ def _file_kind(path: Path) -> str:
 
 
 def _read_torch(path: Path, kind: str):
-    """torch.load with weights_only; a zip checkpoint that holds other objects too (a Lightning checkpoint's
-    hyper-parameters and callbacks) is read again with those objects as inert `Placeholder`s."""
-    try:
-        with path.open("rb") as file:  # a file, not a path: torch.load would choose safetensors by the name alone
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            raise _unreadable(path, error) from None
-    except Exception as error:
-        raise _unreadable(path, error) from None
-    if kind != "zip":  # torch.save writes zips since torch 1.6; older files load as tensors and plain values only
-        raise BSMamba2Error(f"checkpoint {path}: not a readable PyTorch checkpoint (damaged, or objects other than "
-                            "tensors and plain values in the format before torch 1.6)")
+    """torch.load through the restricted unpickler, once the file passed the checks that keep what loading it
+    allocates to about twice its size. (torch's own `weights_only` loader is not used: it also builds
+    `bytearray(N)` and nested codecs, gigabytes from a few bytes, and a pickle can steer any load to this one.)"""
     placeholders: dict = {}
-    try:
-        with path.open("rb") as file:
-            _check_restricted_loading_applies(zipfile.ZipFile(file))
-            file.seek(0)
-            payload = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
+    with path.open("rb") as file:  # a file, not a path: torch.load would choose safetensors by the name alone
+        try:
+            source = _checked(file, kind, path.stat().st_size)
+        except BSMamba2Error as refusal:
+            raise BSMamba2Error(f"checkpoint {path}: refused, {refusal}") from None
+        except Exception as error:  # zipfile's or pickletools' word on a damaged file
+            raise _unreadable(path, error) from None
+        try:
+            payload = torch.load(source, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
                                  placeholders=placeholders)
-    except Exception as error:
-        raise BSMamba2Error(f"checkpoint {path}: refused, it holds objects that cannot be loaded as inert data "
-                            f"({_first_line(error)})") from None
+        except Exception as error:
+            raise BSMamba2Error(f"checkpoint {path}: refused, {_NOT_INERT} ({_first_line(error)})") from None
     if placeholders:
         names = sorted(placeholders)
         log.warning("checkpoint %s holds objects other than tensors and plain values, kept as inert placeholders: "
@@ -188,17 +194,68 @@ def _read_torch(path: Path, kind: str):
     return payload
 
 
-def _check_restricted_loading_applies(archive: zipfile.ZipFile) -> None:
-    """Refuse what a restricted Unpickler cannot make safe."""
-    records = {name.split("/", 1)[-1]: name for name in archive.namelist()}  # names inside the top folder
-    # With weights_only=False, torch.load hands a TorchScript archive to torch.jit.load, which runs its code. The
-    # weights-only attempt refused such files already; check again, whatever the file holds now.
-    if "constants.pkl" in records:
-        raise BSMamba2Error("a TorchScript archive")
-    # The EXT opcodes take an object from copyreg's process-wide cache when an earlier load put it there, without
-    # asking find_class. torch.save never writes them.
-    if any(opcode.name.startswith("EXT") for opcode, _, _ in pickletools.genops(archive.read(records["data.pkl"]))):
-        raise BSMamba2Error("a copyreg extension code")
+_NOT_INERT = "it holds objects that cannot be loaded as inert data"
+
+
+def _checked(file, kind: str, size: int):
+    """What torch.load is to read, once checked; a reason to refuse the file is raised as BSMamba2Error."""
+    if kind == "zip":
+        archive = zipfile.ZipFile(file)
+        entries = archive.infolist()
+        records = {entry.filename.split("/", 1)[-1]: entry for entry in entries}  # names inside the top folder
+        # With weights_only=False, torch.load hands a TorchScript archive to torch.jit.load, which runs its code.
+        if "constants.pkl" in records:
+            raise BSMamba2Error(f"{_NOT_INERT} (a TorchScript archive)")
+        # torch.save stores each entry once, as it is; compressed entries, or entries sharing their bytes, would
+        # unpack a small file into gigabytes.
+        unpacked = sum(entry.file_size for entry in entries)
+        if unpacked > size:
+            raise BSMamba2Error(f"its zip entries unpack to {unpacked:,} bytes, more than the file's {size:,} "
+                                "(compressed or overlapping entries, which torch.save never writes)")
+        _check_pickles(io.BytesIO(archive.read(records["data.pkl"])), 1)
+        file.seek(0)
+        return file
+    # The format before torch 1.6, from memory: given a file, torch.load would first try it as a tar archive,
+    # whose loader extracts files.
+    data = io.BytesIO(file.read())
+    _check_pickles(data, LEGACY_PICKLES)
+    data.seek(0)
+    return data
+
+
+def _check_pickles(file, count: int) -> None:
+    """Refuse the EXT opcodes in the next `count` pickles of `file`: they take an object from copyreg's
+    process-wide cache when an earlier load put it there, without asking find_class. torch.save never writes them."""
+    for _ in range(count):
+        if any(opcode.name.startswith("EXT") for opcode, _, _ in pickletools.genops(file)):
+            raise BSMamba2Error(f"{_NOT_INERT} (a copyreg extension code)")
+
+
+def _plain(payload, path: Path):
+    """`payload` with its dicts, lists and tuples rebuilt as plain ones and its tensors as plain tensors, never
+    calling a method of theirs: a pickle can give an OrderedDict or a tensor attributes of its choosing (BUILD
+    setting `items` or `get` to an allowed callable), which later code would call. A container met again is
+    rebuilt once, so that shared ones cost no more than the file holds."""
+    built: dict = {}  # id of a loaded container → its rebuilt self
+
+    def rebuild(value, depth: int):
+        if id(value) in built:
+            return built[id(value)]
+        if depth > MAX_NESTING:
+            raise BSMamba2Error(f"checkpoint {path}: refused, its containers nest deeper than {MAX_NESTING} levels "
+                                "(or hold themselves)")
+        if isinstance(value, dict):
+            result = {key: rebuild(item, depth + 1) for key, item in dict.items(value)}
+        elif type(value) in (list, tuple):
+            result = type(value)(rebuild(item, depth + 1) for item in value)
+        elif isinstance(value, torch.Tensor):
+            result = torch.Tensor.detach(value)
+        else:
+            return value
+        built[id(value)] = result
+        return result
+
+    return rebuild(payload, 0)
 
 
 class Placeholder:
@@ -227,14 +284,22 @@ class Placeholder:
         return f"<{self.name}, not loaded>"
 
 
+def _latin1_bytes(text, encoding):
+    """bytes as pickle protocol 2 (torch.save's) writes them, `_codecs.encode(text, "latin1")`: as long as the
+    text. Other codecs are refused: nested, "hex" doubles what it is given each time."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}, not from latin-1 text")
+    return codecs.encode(text, "latin1")
+
+
 # The only globals a checkpoint may name (by the dotted name a pickle gives), each safe to call with anything a
-# pickle can build: plain values, tensors, the entries here and placeholders.
+# pickle can build (plain values, tensors, the entries here and placeholders), and making no more than it is
+# given: `bytearray`, whose bytearray(N) makes N bytes of nothing, is a placeholder like any other class.
 ALLOWED_GLOBALS = {
     # Containers and plain values: they only hold what they are given.
     "collections.OrderedDict": collections.OrderedDict,  # state dicts
-    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray, "builtins.complex": complex,
-    # bytes under pickle protocol 2 (torch.save's): encode(text, "latin1"); a codec name can only select a codec.
-    "_codecs.encode": codecs.encode,
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.complex": complex,
+    "_codecs.encode": _latin1_bytes,
     # Tensors: a view of a storage that torch's own loader read from the file (sizes checked against it).
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
@@ -252,9 +317,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     (the EXT opcodes, which may not, are refused before loading), so nothing outside ALLOWED_GLOBALS runs:
     `os.system`, `builtins.getattr`, `copyreg._reconstructor` come back as placeholders, and calling a placeholder
     only records the arguments. BUILD (an object's `__setstate__`, else setting its attributes) reaches
-    only placeholders (which keep the state), what the allowed globals built (tensors, dicts: data) and the
-    globals themselves (read-only, or a fresh wrapper). torch.load looks storage names (`torch.FloatStorage`) up
-    in its own table before calling `find_class`.
+    only placeholders (which keep the state), what the allowed globals built (tensors, dicts: data, which `_plain`
+    rebuilds) and the globals themselves (read-only, or a fresh wrapper). torch.load looks storage names
+    (`torch.FloatStorage`) up in its own table before calling `find_class`.
     """
 
     def __init__(self, file, *, placeholders: dict, **options):
@@ -276,8 +341,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # Protocol 2 (torch.save's) writes the Python 2 name of the builtins module.
 _PYTHON2_MODULES = {"__builtin__": "builtins"}
 
-# All that torch.load(pickle_module=...) uses of a pickle module: its name and its Unpickler.
-_RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=_RestrictedUnpickler)
+# All that torch.load(pickle_module=...) uses of a pickle module: its name, its Unpickler, and load (for the
+# format before torch 1.6).
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="restricted_pickle", Unpickler=_RestrictedUnpickler,
+    load=lambda file, **options: _RestrictedUnpickler(file, **options).load())
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -292,8 +360,9 @@ def _read_safetensors(path: Path) -> dict:
         return weights
     try:
         return {"config": json.loads(metadata[CONFIG_METADATA]), "model": weights}
-    except ValueError:
-        raise BSMamba2Error(f"checkpoint {path}: its '{CONFIG_METADATA}' metadata is not JSON") from None
+    except (ValueError, RecursionError) as error:  # not JSON, or nested deeper than Python's parser goes
+        raise BSMamba2Error(f"checkpoint {path}: its '{CONFIG_METADATA}' metadata is not JSON "
+                            f"({_first_line(error)})") from None
 
 
 def _unreadable(path: Path, error: Exception, file_format: str = "PyTorch") -> BSMamba2Error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import BSMamba2Error
+from .files import is_plain_name
 
 # The paper's 62 bands over the 1025 bins of a 2048-point STFT ("Mamba2 Meets Silence", the band-split layout of
 # BS-RoFormer): narrow bands at low frequencies, where the voice and most pitches live, wide ones above.
@@ -35,6 +37,12 @@ MUSDB18_VALID_TRACKS = [
 SCAN_BACKENDS = ("torch", "torch+compile", "cuda", "triton", "reference")
 # What load_model(quantize=...) and --quantize accept (bsmamba2.quantize).
 QUANTIZE_MODES = ("int8",)
+
+# The largest model a config may describe, in parameters (4 GB of float32 weights; the paper's has 48 M): a
+# checkpoint's stored config is data too, and one asking for more would fill the memory before anything else
+# could refuse it. The variable raises the limit for those who mean it.
+MAX_PARAMETERS_ENV = "BSMAMBA2_MAX_PARAMETERS"
+DEFAULT_MAX_PARAMETERS = 1_000_000_000
 
 
 @dataclass
@@ -71,6 +79,7 @@ class ModelConfig:
     def validate(self, audio: AudioConfig) -> None:
         _require(len(self.stems) > 0 and len(set(self.stems)) == len(self.stems), "model.stems",
                  "must be a non-empty list of distinct names")
+        _require_plain_names(self.stems, "model.stems")
         for key in ("dim", "depth", "mask_hidden_factor", "d_state", "expand", "headdim", "ngroups",
                     "scan_chunk_size"):
             _require(getattr(self, key) > 0, f"model.{key}", "must be positive")
@@ -85,6 +94,25 @@ class ModelConfig:
         _require(2 <= self.d_conv <= 4, "model.d_conv", "must be 2, 3 or 4 (the causal-conv1d kernel's range)")
         _require(self.scan_backend in ("auto",) + SCAN_BACKENDS, "model.scan_backend",
                  f"must be auto, {', '.join(SCAN_BACKENDS[:-1])} or {SCAN_BACKENDS[-1]}")
+        count, limit = self.parameter_count(audio), max_parameters()
+        _require(count <= limit, "model", f"would have {count:,} parameters (dim {self.dim}, depth {self.depth}), "
+                 f"above the limit of {limit:,} (set {MAX_PARAMETERS_ENV} to a larger number to build it anyway)")
+
+    def parameter_count(self, audio: AudioConfig) -> int:
+        """The parameters of the network this section describes (`models/bs_mamba2.py`; a test checks that they
+        agree), counted without building it."""
+        dim, d_inner = self.dim, self.expand * self.dim
+        heads, conv = d_inner // self.headdim, d_inner + 2 * self.ngroups * self.d_state
+        mamba = (dim * (d_inner + conv + heads)   # in_proj: z, xBC and dt
+                 + conv * (self.d_conv + 1)      # depthwise conv1d with its bias
+                 + 3 * heads + d_inner           # dt_bias, A_log, D; the gated norm
+                 + d_inner * dim)                # out_proj
+        bidirectional = 2 * (dim + mamba) + 2 * dim * dim + dim  # two pre-norm branches, ConvTranspose1d(2·dim, dim)
+        sizes = [2 * audio.channels * width for width in self.band_widths]
+        hidden = dim * self.mask_hidden_factor
+        band_split = sum(size + size * dim + dim for size in sizes)  # RMSNorm, Linear
+        masks = sum(dim * hidden + hidden + hidden * 2 * size + 2 * size for size in sizes)  # Linear, Linear
+        return band_split + self.depth * 2 * bidirectional + dim + len(self.stems) * masks
 
 
 @dataclass
@@ -188,6 +216,7 @@ class DataConfig:
         _require(len(self.sources) > 0 and len(set(self.sources)) == len(self.sources)
                  and "mixture" not in self.sources, "data.sources",
                  "must be a non-empty list of distinct stem names (not 'mixture')")
+        _require_plain_names(self.sources, "data.sources")
         missing = [stem for stem in model.stems if stem not in self.sources]
         _require(not missing, "data.sources", f"must include every model stem (missing: {', '.join(missing)})")
         _require(len(self.gain_range) == 2 and 0 <= self.gain_range[0] <= self.gain_range[1], "data.gain_range",
@@ -324,6 +353,23 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise _ConfigValueError(f"{key}: {message}")
 
 
+def _require_plain_names(names: list[str], key: str) -> None:
+    """Stem names become file names (`<stem>.wav`): one that is a path would write outside the output folder."""
+    for name in names:
+        _require(is_plain_name(name), key, f"{name!r} is not a plain name (a stem names files: no / or \\, drive, "
+                 "control character, nor only dots)")
+
+
+def max_parameters() -> int:
+    """The limit on a model's size: BSMAMBA2_MAX_PARAMETERS, else DEFAULT_MAX_PARAMETERS."""
+    value = os.environ.get(MAX_PARAMETERS_ENV, "")
+    if not value:
+        return DEFAULT_MAX_PARAMETERS
+    if not value.isdigit():
+        raise BSMamba2Error(f"{MAX_PARAMETERS_ENV}={value!r}: expected a number of parameters, such as 5000000000")
+    return int(value)
+
+
 def _build(cls, values: Any, prefix: str):
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
     where = prefix.rstrip(".") or "config"
@@ -333,7 +379,7 @@ def _build(cls, values: Any, prefix: str):
         raise _ConfigValueError(f"{where}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))  # a checkpoint's stored config may have keys of any type
     if unknown:
         raise _ConfigValueError(_unknown_key(prefix + unknown[0], names))
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in values.items()}

@@ -10,6 +10,8 @@ cache folder (BSMAMBA2_CACHE, else the platform's user cache folder).
 Downloads behave as pip and Hugging Face Hub users expect: streamed to `<file>.part` beside the final name,
 resumed with an HTTP Range request after an interruption, checked against the entry's size and sha256, then
 renamed into place; a lock file makes concurrent processes (torchrun ranks) download once while the others wait.
+A server never writes more than the entry's size to the disk, and a symbolic link planted in a shared cache at a
+name we write (`.part`, `.lock`) is refused rather than written through.
 A cached file is hashed once, when it arrives (or when it is first found there, put by hand); afterwards it is
 trusted while its size and modification time are unchanged, as Hugging Face Hub trusts its cache: hashing a
 200 MB checkpoint on every run would cost more than it protects.
@@ -19,6 +21,7 @@ This module never imports torch: `bsmamba2 models` lists and downloads without i
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import http.client
 import logging
@@ -356,21 +359,51 @@ def _transfer(entry: ModelEntry, part: Path, path: Path, progress: bool) -> Opti
             offset = 0
         length = response.headers.get("Content-Length")
         announced = offset + int(length) if length and length.isdigit() else None
-        with open(part, "ab" if offset else "wb") as file, \
-                tqdm(total=entry.size or announced, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=entry.name, disable=not progress) as bar:
-            try:
-                for block in iter(lambda: response.read(CHUNK_BYTES), b""):
-                    file.write(block)
-                    bar.update(len(block))
-            except (OSError, http.client.HTTPException) as error:
-                log.warning(f"model {entry.name}: connection lost during the download ({error})")
+        # A hostile server, or anyone on a plain http path, must not fill the disk: nothing past the entry's size
+        # is written, and a Content-Length beyond it is refused before the body.
+        oversize = entry.size is not None and announced is not None and announced > entry.size
+        if not oversize:
+            with _open_no_link(part, "ab" if offset else "wb") as file, \
+                    tqdm(total=entry.size or announced, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc=entry.name, disable=not progress) as bar:
+                received = offset
+                try:
+                    for block in iter(lambda: response.read(CHUNK_BYTES), b""):
+                        received += len(block)
+                        if entry.size is not None and received > entry.size:
+                            oversize = True
+                            break
+                        file.write(block)
+                        bar.update(len(block))
+                except (OSError, http.client.HTTPException) as error:
+                    log.warning(f"model {entry.name}: connection lost during the download ({error})")
+    if oversize:
+        part.unlink(missing_ok=True)
+        raise BSMamba2Error(f"model {entry.name}: {entry.url} sends more than the {entry.size} bytes that "
+                            f"{entry.registry} gives for it; stopped and deleted the download (the file on the "
+                            "server is not the one the registry describes)")
     return announced
 
 
 def _unreachable(entry: ModelEntry, path: Path, reason) -> BSMamba2Error:
     return BSMamba2Error(f"model {entry.name}: cannot download {entry.url} ({reason}); without a connection, put the "
                          f"file at {path} by hand (sha256 {entry.sha256})")
+
+
+def _open_no_link(path: Path, mode: str):
+    """`open(path, mode)` for a file that we write in the cache, refusing a symbolic link there (O_NOFOLLOW, where
+    the system has it): in a shared cache, another user could plant one to have us overwrite a file of their
+    choosing."""
+    flags = {"wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+             "a+b": os.O_RDWR | os.O_CREAT | os.O_APPEND}[mode]
+    try:
+        handle = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise BSMamba2Error(f"{path} is a symbolic link, which the model cache never holds: refused to write "
+                                "through it (delete it)") from None
+        raise
+    return os.fdopen(handle, mode)
 
 
 # -------------------------------------------------------------------------------------------------------- lock
@@ -381,7 +414,7 @@ def _exclusive_lock(path: Path, name: str) -> Iterator[None]:
     left in place: deleting it would let a third process lock a new file while a second still holds the old."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, "a+b")
+        file = _open_no_link(path, "a+b")
     except OSError as error:
         raise BSMamba2Error(f"cannot write to the model cache {path.parent}: {error.strerror or error} (set "
                             f"{CACHE_ENV} to a writable folder)") from None

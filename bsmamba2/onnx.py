@@ -158,7 +158,7 @@ class OnnxModel:
             raise BSMamba2Error(f"ONNX model {path}: not a BSMamba2 export (`bsmamba2 export` makes one)")
         try:
             self.config = Config.from_dict(json.loads(metadata[CONFIG_METADATA]), source=f"metadata of {path}")
-        except ValueError as error:  # not JSON
+        except (ValueError, RecursionError) as error:  # not JSON, or nested deeper than Python's parser goes
             raise BSMamba2Error(f"ONNX model {path}: its '{CONFIG_METADATA}' metadata is unreadable ({error})")
         self.stems = list(self.config.model.stems)
         self.sample_rate, self.audio_channels = self.config.audio.sample_rate, self.config.audio.channels

@@ -13,6 +13,7 @@ class FileServer:
         self.requests: list[tuple[str, str]] = []
         self.cut_responses = 0      # the next N responses send half their body, then close the connection
         self.ignore_range = False   # answer Range requests with the whole file (200), as some servers do
+        self.send_length = True     # False: no Content-Length, the body ends when the connection closes
         self.gate = threading.Event()  # bodies wait for it (the concurrency test holds the first download)
         self.gate.set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -53,7 +54,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         payload = body[start:]
-        self.send_header("Content-Length", str(len(payload)))
+        if owner.send_length:
+            self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if owner.cut_responses > 0:
             owner.cut_responses -= 1

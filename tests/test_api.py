@@ -173,3 +173,13 @@ def test_a_one_stem_model_also_gives_what_it_leaves_of_the_mixture(tmp_path):
     assert np.abs(stems["vocals"]).max() > 1e-3 and np.abs(stems["no_vocals"]).max() > 1e-3
     only = Separator(checkpoint, device="cpu", stems=["vocals"]).separate(wave, 44100)
     assert list(only) == ["vocals"]
+
+
+def test_output_paths_stay_inside_the_output_folder(separator, tmp_path):
+    out = tmp_path / "out"
+    # the name of `...wav` without its extension is "..": as a track name, it would climb out of the folder
+    assert separator.output_paths(tmp_path / "...wav", out) == {"vocals": out / "track" / "vocals.wav",
+                                                                "drums": out / "track" / "drums.wav"}
+    with pytest.raises(BSMamba2Error, match=f"^../../song/vocals.wav: refused, it would be written outside the "
+                                            f"output folder {out}$"):
+        separator.output_paths(tmp_path / "song.wav", out, folder="../..", filename="{folder}/{track}/{stem}.{ext}")

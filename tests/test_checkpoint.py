@@ -1,5 +1,8 @@
-"""Checkpoints are data: a pickle that would run code never does; Lightning, torch and safetensors files load."""
+"""Checkpoints are data: a pickle that would run code never does, nor one that would fill the memory or write
+outside the output folder; Lightning, torch and safetensors files load."""
 import builtins
+import codecs
+import collections
 import copyreg
 import io
 import json
@@ -18,10 +21,11 @@ import safetensors.torch
 import torch
 
 from bsmamba2.checkpoint import Placeholder, build_model, load_model, read_checkpoint, save_model
+from bsmamba2.cli import main
 from bsmamba2.config import Config
 from bsmamba2.errors import BSMamba2Error
 
-from separation_fixtures import tiny_config
+from separation_fixtures import noise, tiny_config, write_audio
 
 MARKER = "created-by-unpickling"
 
@@ -306,3 +310,136 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     safetensors.torch.save_file({"w": torch.zeros(1)}, "bad.safetensors", metadata={"bsmamba2.config": "{oops"})
     with pytest.raises(BSMamba2Error, match="'bsmamba2.config' metadata is not JSON"):
         read_checkpoint("bad.safetensors")
+
+
+# ------------------------------------------------------------------------------ hostile data that runs no code
+
+class Blank:
+    """Unpickles as bytearray(size): `size` zero bytes made by a few bytes of pickle."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __reduce__(self):
+        return bytearray, (self.size,)
+
+
+class Encoded:
+    """Unpickles as _codecs.encode(inner, codec), which torch.save writes for bytes with codec "latin1"."""
+
+    def __init__(self, inner, codec):
+        self.inner, self.codec = inner, codec
+
+    def __reduce__(self):
+        return codecs.encode, (self.inner, self.codec)
+
+
+class Hijacked(collections.OrderedDict):
+    """An OrderedDict whose pickle also sets `get` and `items` on it (a BUILD after its items), as a hostile
+    checkpoint's may: both loaders allow it, since an OrderedDict's state is only data."""
+
+    def __reduce__(self):
+        return collections.OrderedDict, (), {"get": bytearray, "items": bytearray}, None, iter(dict.items(self))
+
+
+def stored(config: Config, **changes) -> dict:
+    """`config` as a checkpoint stores it, with `changes` ({section: {key: value}}) that validation would refuse."""
+    values = config.to_dict()
+    for section, keys in changes.items():
+        values[section].update(keys)
+    return values
+
+
+def doubled_by_hex(times: int) -> Encoded:
+    """Bytes doubled `times` times by the hex codec: 2^times × 2 bytes from about 30 bytes of pickle each."""
+    encoded = Encoded("ab", "latin1")
+    for _ in range(times):
+        encoded = Encoded(encoded, "hex")
+    return encoded
+
+
+def looped() -> list:
+    loop = []
+    loop.append(loop)
+    return loop
+
+
+ESCAPE = "../../../escaped"
+NOT_INERT = "refused, it holds objects that cannot be loaded as inert data"
+HOSTILE = {  # a checkpoint with usable weights and something hostile: the start of its one-line refusal
+    "stems.ckpt": f"config stored in stems.ckpt: model.stems: {ESCAPE!r} is not a plain name",
+    "absurd.ckpt": "config stored in absurd.ckpt: model: would have 57,081,853,832,054 parameters (dim 200000, "
+                   "depth 50), above the limit of 1,000,000,000",
+    "hex.ckpt": f"checkpoint hex.ckpt: {NOT_INERT} (bytes encoded as 'hex', not from latin-1 text)",
+    "compressed.ckpt": "checkpoint compressed.ckpt: refused, its zip entries unpack to",
+    "nested.safetensors": "checkpoint nested.safetensors: its 'bsmamba2.config' metadata is not JSON (maximum "
+                          "recursion depth exceeded",
+    "loop.ckpt": "checkpoint loop.ckpt: refused, its containers nest deeper than 100 levels",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A folder with the HOSTILE checkpoints and a song."""
+    folder = tmp_path_factory.mktemp("hostile")
+    write_audio(folder / "song.wav", noise(2, 4410), 44100)
+    config = tiny_config()
+    weights = trained_weights(config).state_dict()
+    absurd = {"audio": {"channels": 1, "n_fft": 16, "hop_length": 8},  # a small band split, then dim 200000
+              "model": {"stems": ["vocals"], "dim": 200_000, "depth": 50, "band_widths": [9], "expand": 2}}
+    torch.save({"config": stored(config, model={"stems": ["vocals", ESCAPE]}, data={"sources": ["vocals", ESCAPE]}),
+                "model": weights}, folder / "stems.ckpt")
+    torch.save({"config": stored(config, **absurd), "model": weights}, folder / "absurd.ckpt")
+    torch.save({"model": weights, "bytes": doubled_by_hex(20)}, folder / "hex.ckpt")
+    torch.save({"model": weights, "loop": looped()}, folder / "loop.ckpt")
+    # Compressed, a megabyte of zeros takes a kilobyte: torch would unpack it all.
+    zeros = io.BytesIO()
+    torch.save({"model": weights, "zeros": torch.zeros(1 << 18)}, zeros)
+    with zipfile.ZipFile(zeros) as source, zipfile.ZipFile(folder / "compressed.ckpt", "w") as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry), compress_type=zipfile.ZIP_DEFLATED)
+    deep = "[" * 100_000 + "]" * 100_000
+    safetensors.torch.save_file(weights, folder / "nested.safetensors", metadata={"bsmamba2.config": deep})
+    return folder
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_checkpoint_is_one_line_and_exit_2_writing_nothing(name, hostile, monkeypatch, capsys):
+    monkeypatch.chdir(hostile)
+    before = set(hostile.rglob("*"))
+    code = main(["separate", "-q", "--checkpoint", name, "-o", "out/sub", "song.wav"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith(f"bsmamba2 separate: error: {HOSTILE[name]}") and error.count("\n") == 1
+    assert set(hostile.rglob("*")) == before  # nothing written, inside the output folder or outside it
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "before-torch-1.6"])
+def test_a_constructor_that_makes_more_than_it_is_given_is_never_called(zipped, caplog):
+    config = tiny_config()
+    model = trained_weights(config)
+    torch.save({"config": config.to_dict(), "model": model.state_dict(), "blank": Blank(64 << 20)}, "blank.ckpt",
+               _use_new_zipfile_serialization=zipped)
+    assert os.path.getsize("blank.ckpt") < 1 << 20
+    blank = read_checkpoint("blank.ckpt")["blank"]
+    assert isinstance(blank, Placeholder) and (blank.name, blank.args) == ("builtins.bytearray", (64 << 20,))
+    assert separates_like(load_model("blank.ckpt"), model)
+    assert "kept as inert placeholders: builtins.bytearray" in caplog.text
+
+
+def test_containers_are_rebuilt_without_the_methods_a_pickle_set():
+    config = tiny_config()
+    model = trained_weights(config)
+    torch.save(Hijacked(config=config.to_dict(), model=Hijacked(model.state_dict())), "hijacked.ckpt")
+    assert separates_like(load_model("hijacked.ckpt"), model)
+    payload = read_checkpoint("hijacked.ckpt")
+    assert type(payload) is dict and type(payload["model"]) is dict  # plain dicts: no attributes of their own
+
+
+def test_shared_containers_are_rebuilt_once():
+    """2^40 paths through 40 levels of [x, x]: rebuilt once per container, as the file holds them."""
+    shared = ["leaf"]
+    for _ in range(40):
+        shared = [shared, shared]
+    torch.save({"shared": shared}, "shared.ckpt")
+    loaded = read_checkpoint("shared.ckpt")["shared"]
+    assert loaded[0] is loaded[1]

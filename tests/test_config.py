@@ -1,6 +1,6 @@
 import pytest
 
-from bsmamba2.config import PAPER_BAND_WIDTHS, Config, load_config
+from bsmamba2.config import MAX_PARAMETERS_ENV, PAPER_BAND_WIDTHS, Config, load_config
 from bsmamba2.errors import BSMamba2Error
 
 CONFIGS = ["configs/bsmamba2_vocals.yaml", "configs/bsmamba2_4stem.yaml"]
@@ -81,3 +81,58 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(BSMamba2Error, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+# A checkpoint's stored config is data: these come from whoever made the checkpoint.
+STORED = "config stored in evil.ckpt"
+
+
+@pytest.mark.parametrize("stem", ["../../../tmp/x", "a/b", "..", "C:x", "two\nlines"])
+def test_stem_names_must_be_plain_names(stem):
+    values = {"model": {"stems": ["vocals", stem]}, "data": {"sources": ["vocals", stem]}}
+    with pytest.raises(BSMamba2Error) as error:
+        Config.from_dict(values, source=STORED)
+    assert str(error.value) == (f"{STORED}: model.stems: {stem!r} is not a plain name (a stem names files: no / or "
+                                "\\, drive, control character, nor only dots)")
+    values["model"]["stems"] = ["vocals"]
+    with pytest.raises(BSMamba2Error, match=f"^{STORED}: data.sources: .* is not a plain name"):
+        Config.from_dict(values, source=STORED)
+
+
+def test_keys_of_any_type_are_one_line():
+    with pytest.raises(BSMamba2Error, match=f"^{STORED}: unknown key 7 \\(known: audio, data, "):
+        Config.from_dict({7: {}, "model": {}}, source=STORED)
+
+
+@pytest.mark.parametrize("values", [
+    {},  # the paper's model
+    {"model": {"stems": ["vocals", "drums", "bass", "other"], "dim": 96, "depth": 3}},
+    {"audio": {"channels": 1, "n_fft": 256, "hop_length": 64},
+     "model": {"band_widths": [60, 69], "ngroups": 2, "d_conv": 3, "expand": 2, "mask_hidden_factor": 3}},
+])
+def test_the_parameter_count_from_the_config_is_the_models(values):
+    torch = pytest.importorskip("torch")
+    from bsmamba2.checkpoint import build_model
+
+    config = Config.from_dict(values)
+    with torch.device("meta"):  # shapes without memory
+        model = build_model(config)
+    assert config.model.parameter_count(config.audio) == sum(p.numel() for p in model.parameters())
+    if not values:
+        assert config.model.parameter_count(config.audio) == 48_098_188  # the paper's 48.1 M
+
+
+def test_a_model_above_the_size_limit_is_refused_before_it_is_built(monkeypatch):
+    absurd = {"model": {"dim": 200_000, "depth": 50}}
+    with pytest.raises(BSMamba2Error, match=f"^{STORED}: model: would have [0-9,]+ parameters \\(dim 200000, depth "
+                                            "50\\), above the limit of 1,000,000,000 \\(set "
+                                            f"{MAX_PARAMETERS_ENV} to a larger number to build it anyway\\)$"):
+        Config.from_dict(absurd, source=STORED)
+    monkeypatch.setenv(MAX_PARAMETERS_ENV, str(10 ** 15))  # for those who mean it
+    assert Config.from_dict(absurd).model.dim == 200_000
+    monkeypatch.setenv(MAX_PARAMETERS_ENV, "40000000")
+    with pytest.raises(BSMamba2Error, match="model: would have 48,098,188 parameters"):
+        Config.from_dict({})
+    monkeypatch.setenv(MAX_PARAMETERS_ENV, "lots")
+    with pytest.raises(BSMamba2Error, match=f"^{MAX_PARAMETERS_ENV}='lots': expected a number of parameters"):
+        Config.from_dict({})

@@ -139,6 +139,38 @@ def test_a_part_the_server_cannot_continue_is_started_afresh(server, register, c
     assert path.read_bytes() == PAYLOAD and leftovers(cache) == ["model.ckpt"]
 
 
+@pytest.mark.parametrize("send_length", [True, False], ids=["content-length", "no-length"])
+def test_a_server_sending_more_than_the_entrys_size_is_stopped_there(server, register, cache, send_length):
+    """A hostile server, or anyone on a plain http path, must not fill the disk."""
+    register(served(server, size=1000))
+    server.send_length = send_length
+    with pytest.raises(BSMamba2Error, match=f"^model {NAME}: {server.url}/model.ckpt sends more than the 1000 bytes "
+                                            f"that .*models.yaml gives for it; stopped and deleted the download"):
+        hub.checkpoint_file(NAME, progress=False)
+    assert leftovers(cache) == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("planted", ["model.ckpt.part", "model.ckpt.lock"])
+def test_a_symbolic_link_planted_in_the_cache_is_not_written_through(server, register, cache, tmp_path, planted):
+    """In a shared cache, another user could plant a link where we write, to have us overwrite a file of theirs
+    choosing (or create one)."""
+    register(served(server))
+    victim, absent = tmp_path / "victim.txt", tmp_path / "absent.txt"
+    victim.write_bytes(b"precious")
+    (cache / NAME).mkdir(parents=True)
+    (cache / NAME / planted).symlink_to(victim)
+    (cache / NAME / "other").symlink_to(absent)
+    with pytest.raises(BSMamba2Error, match=f"^{cache / NAME / planted} is a symbolic link, which the model cache "
+                                            "never holds: refused to write through it \\(delete it\\)$"):
+        hub.checkpoint_file(NAME, progress=False)
+    assert victim.read_bytes() == b"precious"
+    (cache / NAME / planted).unlink()
+    (cache / NAME / "other").rename(cache / NAME / planted)  # a link to no file: following it would create one
+    with pytest.raises(BSMamba2Error, match="is a symbolic link"):
+        hub.checkpoint_file(NAME, progress=False)
+    assert not absent.exists()
+
+
 def test_not_found_names_the_url_and_where_to_put_the_file(server, register, cache):
     register(served(server, url=server.url + "/missing.ckpt"))
     expected = cache / NAME / "missing.ckpt"

@@ -225,3 +225,13 @@ def test_an_interrupted_run_leaves_no_stem_under_its_final_name(workspace, how):
         assert not list(out.rglob("*partial*"))  # cleaned up on the way out
     else:
         assert process.returncode == -signal.SIGKILL and partial
+
+
+def test_a_file_named_with_dots_gets_a_plain_track_name(tmp_path, monkeypatch):
+    """`...wav` without its extension is "..": {track} would put its stems above the output folder."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    write_audio(tmp_path / "...wav", noise(2, 4410), 44100)
+    assert main(["separate", "-q", "--checkpoint", "tiny.ckpt", "-o", "out/sub", "...wav"]) == 0
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "out").rglob("*.wav")) == [
+        "out/sub/track/drums.wav", "out/sub/track/vocals.wav"]

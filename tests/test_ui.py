@@ -1,6 +1,7 @@
 """`bsmamba2 ui` through its HTTP interface: a real server on 127.0.0.1 with a tiny model."""
 import io
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,6 +190,32 @@ def test_only_listed_files_are_served_and_removal_deletes_them(app, tmp_path):
     assert job["id"] not in [listed["id"] for listed in call("GET", app.url + "api/jobs").json()]
 
 
+def test_an_upload_named_with_dots_gets_a_plain_track_name(app, tmp_path):
+    """`...wav` without its extension is "..": as the zip's folder, naive unzip tools would write a folder up."""
+    song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=10), 44100)
+    job = wait(app, upload(app, song, name="...wav").json()["id"])
+    with zipfile.ZipFile(io.BytesIO(fetch(app, job["id"], "stems.zip").content)) as bundle:
+        assert bundle.namelist() == ["track/vocals.wav", "track/drums.wav"]
+    assert 'filename="track_vocals.wav"' in fetch(app, job["id"], "vocals").headers["content-disposition"]
+
+
+def test_an_upload_cut_short_leaves_nothing(app):
+    """A client that goes away mid-upload: its job folder and partial file are deleted."""
+    before = set(app.workdir.iterdir())
+    address = urlsplit(app.url)
+    with socket.create_connection((address.hostname, address.port)) as client:
+        client.sendall(f"POST /api/jobs?name=song.wav HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                       "Content-Length: 1000000\r\n\r\n".encode() + bytes(100_000))
+        deadline = time.monotonic() + TIMEOUT
+        while set(app.workdir.iterdir()) == before:  # the upload has started
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while set(app.workdir.iterdir()) != before:
+        assert time.monotonic() < deadline, "the cut upload's folder is still there"
+        time.sleep(0.02)
+
+
 def test_other_web_sites_cannot_read_or_change_the_jobs(app, tmp_path):
     """A page of another site open in the same browser may send requests here: it is refused."""
     song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=9), 44100)
@@ -248,7 +275,9 @@ def test_without_the_extra_the_command_says_what_to_install():
     assert done.stderr == 'bsmamba2 ui: error: the web app needs starlette: pip install "bsmamba2[ui]"\n'
 
 
-def test_the_command_warns_off_loopback_and_ctrl_c_stops_it_cleanly(checkpoint):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_command_warns_off_loopback_and_ctrl_c_or_sigterm_stops_it_cleanly(checkpoint, stop):
+    """SIGTERM is a service manager's stop: it ends the app as Ctrl-C does, working folder included."""
     command = subprocess.Popen([sys.executable, "-m", "bsmamba2", "ui", "--host", "0.0.0.0", "--port", "0",
                                 "--no-browser", "--checkpoint", str(checkpoint)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -259,7 +288,7 @@ def test_the_command_warns_off_loopback_and_ctrl_c_stops_it_cleanly(checkpoint):
         assert workdir.is_dir()
         local = ready.split()[4].replace("0.0.0.0", "127.0.0.1")
         assert call("GET", local + "api/jobs").json() == []  # serving: Ctrl-C now goes to the server
-        command.send_signal(signal.SIGINT)
+        command.send_signal(stop)
         out, err = command.communicate(timeout=TIMEOUT)
     finally:
         command.kill()

@@ -60,7 +60,7 @@ def write_config(config: Config, run_dir: Path) -> None:
 
 
 def capture_rng() -> dict:
-    """Python, numpy and torch generator states as plain values (checkpoints load with weights_only=True)."""
+    """Python, numpy and torch generator states as plain values (what `read_checkpoint` rebuilds: no numpy arrays)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
              "torch": torch.get_rng_state()}

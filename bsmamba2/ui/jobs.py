@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from ..audio import AUDIO_EXTENSIONS, AudioReader, AudioWriter
 from ..errors import BSMamba2Error
-from ..files import atomic_write
+from ..files import atomic_write, track_name
 from . import spectrogram
 
 log = logging.getLogger("bsmamba2")
@@ -73,7 +73,7 @@ class Job:
 
     @property
     def track(self) -> str:
-        return Path(self.name).stem or "track"
+        return track_name(self.name)
 
     def describe(self) -> dict:
         return {"id": self.id, "name": self.name, "status": self.status, "fraction": round(self.fraction, 4),

@@ -20,6 +20,7 @@ import argparse
 import ipaddress
 import logging
 import shutil
+import signal
 import socket
 import tempfile
 import webbrowser
@@ -177,8 +178,10 @@ def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_m
                         raise UploadTooLarge(name, max_upload_mb)
                     file.write(part)
             await run_in_threadpool(queue.check_audio, job)
-        except BSMamba2Error as problem:
+        except BaseException as problem:  # refused, or the client went away mid-upload: nothing of it is kept
             shutil.rmtree(job.folder, ignore_errors=True)
+            if not isinstance(problem, BSMamba2Error):
+                raise
             return error(str(problem), 413 if isinstance(problem, UploadTooLarge) else 400)
         queue.submit(job)
         return JSONResponse(describe(job), 201)
@@ -275,6 +278,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def run(args: argparse.Namespace) -> int:
     setup_process(threads=TorchrunEnv.from_environ().cpu_threads())  # as `bsmamba2 separate` does
+    # A service manager's stop (SIGTERM) ends the app as Ctrl-C does, deleting the working folder: uvicorn hands the
+    # signal on once it has shut down, and by default it would end the process before any clean-up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     app = App(args)
     if not app.loopback:
         log.warning("warning: --host %s lets other machines on the network use this app and read what is uploaded "
