@@ -1,29 +1,37 @@
-"""The CUDA path checked on a real GPU in one run: mamba-ssm and causal-conv1d built from source for the GPU present,
-every scan backend against the reference, the network under each backend, a bf16 training step, `bsmamba2 separate
---device cuda` and the scan benchmark. One JSON of results and a log; the exit status is 1 on any failure.
+"""The CUDA path checked on a real GPU: mamba-ssm and causal-conv1d built from source for the GPU present, every
+scan backend against the reference, the network under each backend, a bf16 training step, `bsmamba2 separate
+--device cuda` and the scan benchmark. One JSON of results and a log per run; the exit status is 1 on any failure.
 
-    scripts/gpu_check.sh                 # on a CUDA machine, no network: wheels and sdists from gpu_wheels/
-    scripts/gpu_check.sh --dry-run       # the same pipeline on the CPU: no build, small shapes (about a minute)
+    scripts/gpu_check.sh --stages build     # on a CUDA machine, no network: build the kernels (their wheels to --out)
+    scripts/gpu_check.sh --stages separate,kernel_tests,benchmark      # then the checks, with the wheels built
+    scripts/gpu_check.sh --dry-run          # the same pipeline on the CPU: no build, small shapes (about a minute)
 
-Stages, each bounded in time so that the whole run ends within --time-limit:
-  environment  a virtualenv that sees the running Python's packages (its torch), with the project installed in it
-               (editable) and what the project needs beyond those installed from the --wheels folder, offline;
-  build        causal-conv1d and mamba-ssm, in parallel, from their sdists in --wheels: setup.py's own -gencode list
-               removed so that torch compiles for the present GPU only (TORCH_CUDA_ARCH_LIST), *_FORCE_BUILD so
-               that setup.py never looks for a prebuilt wheel online, MAX_JOBS = all cores; a wheel built earlier for
-               the same GPU architecture and torch (the local version tag says which) is installed instead;
-  tests        `pytest -m cuda tests/ops`: every backend against `reference` (fp32 and bf16, outputs and gradients),
-               the mixer, the conv, and the paper network (stems vs the `torch` backend, a bf16 training step):
-               the cases that need no kernel while the kernels build, the others (`kernel_tests`) after;
-  separate     `bsmamba2 separate --device cuda` on a generated song, its stems against `--device cpu`'s;
-  benchmark    `benchmark_mamba_ssm.py --json` on CUDA for every backend but torch+compile (its compiles take
-               minutes): mixer, time-path and band-path shapes, and the whole model under each backend.
-The dry run uses the CPU instances of the model-level and scan tests and the benchmark's --quick shapes instead.
+Stages, each bounded in time so that the run ends within --time-limit, and each leaving the checks selected after
+it the seconds they need (STAGE_NEEDS):
+  environment   always: a virtualenv that sees the running Python's packages (its torch), with the project installed
+                in it (editable) and what the project needs beyond those installed from the --wheels folder, offline;
+  build         always first, and on CUDA always installs the wheels built earlier for this GPU architecture and
+                torch (the local version tag says which): in the work folder, or carried in --wheels whole or in parts
+                (as they come back from --out). Only when selected does it build the missing ones, from their sdists
+                in --wheels and nothing else running: setup.py's own -gencode list removed so that torch compiles for
+                the present GPU only (TORCH_CUDA_ARCH_LIST), *_FORCE_BUILD so that setup.py never looks for a
+                prebuilt wheel online, MAX_JOBS = all cores, nvcc's optimizer on all cores, causal-conv1d (the long
+                pole) at full priority and mamba-ssm niced; the wheels go to --out, split where too large to come back;
+  separate      `bsmamba2 separate --device cuda` on a generated song, its stems against `--device cpu`'s;
+  kernel_tests  `pytest -m cuda tests/ops`, the `cuda` and `triton` backends' cases: against `reference` (fp32 and
+                bf16, outputs and gradients), the mixer, the conv, the paper network (stems vs the `torch` backend, a
+                bf16 training step); Triton compiles and autotunes mamba_ssm's kernels here first (minutes);
+  benchmark     `benchmark_mamba_ssm.py --json` on CUDA for every backend but torch+compile (its compiles take
+                minutes): mixer, time-path and band-path shapes, and the whole model under each backend;
+  tests         the same pytest selection's cases that need no kernel.
+The dry run skips the build and kernel_tests, and uses the CPU instances of the model-level and scan tests and the
+benchmark's --quick shapes.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -43,17 +51,31 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
-OUT_FILE_LIMIT = 16 * MiB        # the largest file the GPU machine's $OUT brings back
-OUT_PLUS = "_plus_"              # $OUT brings back only names of letters, digits, '.', '_' and '-': '+' is spelt so
+# What the GPU machine's $OUT brings back: at most 8 files of at most 16 MiB each (--out-file-mib), 64 MiB together,
+# named with letters, digits, '.', '_' and '-' only ('+' is spelt OUT_PLUS); the results JSON and the log keep
+# OUT_RESULTS (files, bytes) of that room.
+OUT_FILES, OUT_TOTAL, OUT_RESULTS = 8, 64 * MiB, (2, 2 * MiB)
+OUT_PLUS = "_plus_"
+# a part of a wheel split to come back through $OUT: <wheel's $OUT name>.sha256-<whole wheel's>.part<i>of<n>
+WHEEL_PART = re.compile(r"(?P<wheel>.+\.whl)\.sha256-(?P<digest>[0-9a-f]{64})\.part(?P<index>\d+)of(?P<count>\d+)")
 # distribution name → (its import and file name, the prefix of its setup.py's environment variables)
 KERNEL_PACKAGES = {"causal-conv1d": ("causal_conv1d", "CAUSAL_CONV1D"), "mamba-ssm": ("mamba_ssm", "MAMBA")}
+# causal-conv1d's causal_conv1d_bwd.cu, one translation unit, was still compiling after 345 s on the H200 machine's 16
+# cores (its three other units had ended): it gets the cores first, the other builds run niced.
+LONG_POLE = "causal-conv1d"
 SETUP_GENCODE = re.compile(r'cc_flag\.append\("-gencode"\)\s*\n\s*cc_flag\.append\("arch=compute_\w+,code=sm_\w+"\)')
 MIN_SEPARATE_SDR_DB = 50.0       # stems from --device cuda against --device cpu's (other scan kernels), float32
 BENCHMARK_MAX_ERROR = 1e-2       # the tests hold tight tolerances; this catches a gross error at the larger shapes
 # CUDA mode: the paper network on 3 s of audio; the dry run: the model test's small config and length.
 TEST_MODEL = {"BSMAMBA2_TEST_MODEL_CONFIG": "bsmamba2_vocals", "BSMAMBA2_TEST_AUDIO_SECONDS": "3"}
-KERNEL_CASES = "triton or cuda-"  # pytest -k: the cases of the `triton` and `cuda` backends (tests/ops/devices.py)
-PASSING = ("passed", "skipped")  # stage statuses that do not fail the run ("skipped": the dry run's build)
+# pytest -k: the cases of the `cuda` and `triton` backends (tests/ops/devices.py), the `cuda` ones first: they take
+# seconds, the `triton` ones wait for Triton to compile and autotune mamba_ssm's kernels (minutes on a fresh machine)
+KERNEL_CASES = ("cuda-", "triton")
+PASSING = ("passed", "skipped")  # stage statuses that do not fail the run ("skipped": in the dry run)
+# Seconds each check is sure of when selected: the stages before it leave it this much. Measured on the H200: the
+# no-kernel tests took 87 s; Triton's first compile of mamba_ssm's kernels passed 79 s before one test had ended.
+STAGE_NEEDS = {"separate": 60, "kernel_tests": 180, "benchmark": 60, "tests": 100}
+AFTER_BUILD = 30                 # seconds the build leaves for installing, probing and copying the wheels
 
 
 class Run:
@@ -69,22 +91,32 @@ class Run:
         self.python = self.venv / "bin" / "python"
         self.out.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        self.part_size = int(args.out_file_mib * MiB)
         self.log_path = self.out / "gpu-check.log"
         self.log_path.write_text("")
         date = datetime.datetime.now(datetime.timezone.utc)
         self.results = {"date": date.strftime("%Y-%m-%dT%H:%M:%SZ"), "mode": "cuda" if self.cuda else "dry-run",
                         "command": " ".join(["scripts/gpu_check.sh", *sys.argv[1:]]), "passed": None, "stages": {}}
-        self.name_results(f"{date:%Y-%m-%d}-{'gpu' if self.cuda else 'cpu-dry-run'}.json")
+        self.name_results("gpu" if self.cuda else "cpu-dry-run")
 
-    def name_results(self, name: str) -> None:
-        """Where the JSON goes (renamed once the GPU is known: benchmarks/results/<date>-h200.json is its home)."""
+    def name_results(self, machine: str) -> None:
+        """Where the JSON goes: <date>-<machine>[-<stages>].json, the stages named when not all ran (renamed once the
+        GPU is known: benchmarks/results/<date>-h200.json is its home)."""
+        stages = "" if self.args.stages == STAGES else "-" + "-".join(self.args.stages)
         previous = getattr(self, "results_path", None)
-        self.results_path = self.out / name
+        self.results_path = self.out / f"{self.results['date'][:10]}-{machine}{stages}.json"
         if previous is not None and previous.exists():
             previous.replace(self.results_path)
 
     def remaining(self) -> float:
         return self.args.time_limit - (time.monotonic() - self.started)
+
+    def budget(self, stage: str, cap: float) -> float:
+        """Seconds a command of `stage` may take: at most `cap`, leaving each check selected after it its
+        STAGE_NEEDS (all of them, for the environment, which comes before every stage)."""
+        stages = self.args.stages
+        later = stages[stages.index(stage) + 1:] if stage in stages else stages
+        return min(cap, self.remaining() - sum(STAGE_NEEDS.get(name, 0) for name in later))
 
     def log(self, message: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f} s] {message}"
@@ -132,18 +164,22 @@ class Run:
 
 
 def wait(process: subprocess.Popen, timeout: float) -> Optional[int]:
-    """The exit status, or None after killing the process and its children at `timeout`."""
+    """The exit status, or None after stopping the process at `timeout`."""
     try:
         return process.wait(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
+        return stop(process)
+
+
+def stop(process: subprocess.Popen, grace: float = 10) -> None:
+    """Interrupt the process and its children (its process group), as Ctrl-C would, so that pytest still writes
+    its report of the tests it finished; kill them if they have not ended after `grace` seconds."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        return None
-
-
-def stage_budget(run: Run, cap: float, keep: float) -> float:
-    """Seconds a stage may take: at most `cap`, leaving `keep` seconds for the stages after it."""
-    return min(cap, run.remaining() - keep)
 
 
 # ---- environment -----------------------------------------------------------------------------------------------
@@ -168,7 +204,7 @@ def make_environment(run: Run) -> bool:
     wheels = Path(run.args.wheels).resolve()
     command = [run.python, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--disable-pip-version-check",
                "--find-links", wheels, "-e", REPO]
-    status, _, tail = run.run("environment", command, stage_budget(run, 180, 60))
+    status, _, tail = run.run("environment", command, run.budget("environment", 180))
     if status != 0:
         run.record("environment", "failed", time.monotonic() - start, reason=failure_reason(status, tail))
         return False
@@ -238,45 +274,61 @@ def local_version(host: dict) -> str:
 
 
 def start_builds(run: Run, host: dict) -> dict:
-    """Start both builds in parallel (each its own ninja, MAX_JOBS all cores: 14 translation units on 16 cores);
-    a package with a wheel built earlier for this GPU and torch, or that cannot be built, is settled at once."""
+    """Settle each package with a wheel built earlier for this GPU and torch (gather_wheels brings those carried in
+    --wheels into the work folder); when `build` is among the stages, start building the others, all at once."""
     start = time.monotonic()
     built = run.work / "wheels"
     built.mkdir(exist_ok=True)
     tag = local_version(host)
     wheels = Path(run.args.wheels).resolve()
+    for problem in gather_wheels(wheels, built):
+        run.log(f"left out of {wheels}: {problem}")
     builds, results = {}, {}
     for distribution, (name, prefix) in KERNEL_PACKAGES.items():
-        for carried in wheels.rglob(f"{name}-*{OUT_PLUS}{tag}-*.whl"):   # a wheel brought back from $OUT
-            shutil.copy2(carried, built / carried.name.replace(OUT_PLUS, "+"))
         earlier = sorted(built.glob(f"{name}-*+{tag}-*.whl"))
         if earlier:
             results[distribution] = {"status": "prebuilt", "wheel": earlier[-1].name}
+            continue
+        if "build" not in run.args.stages:
+            results[distribution] = {"status": "failed", "reason": f"no wheel built earlier for {tag} (in {built} or "
+                                                                   f"{wheels}), and `build` is not among --stages"}
             continue
         try:
             source = prepare_source(run, wheels, name)
         except BuildError as error:
             results[distribution] = {"status": "failed", "reason": str(error)}
             continue
+        # NINJA_STATUS: each finished unit's time in the log (ninja prints the status when a command ends)
         env = run.env(MAX_JOBS=str(os.cpu_count()), TORCH_CUDA_ARCH_LIST=host["capability"],
+                      NVCC_APPEND_FLAGS="--split-compile=0", NINJA_STATUS="[%f/%t after %e s] ",
                       **{f"{prefix}_FORCE_BUILD": "TRUE", f"{prefix}_LOCAL_VERSION": tag})
         log = open(run.work / "logs" / f"build-{name}.txt", "w")
         command = [str(run.python), "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
                    "--disable-pip-version-check", "-v", "--wheel-dir", str(built), str(source)]
+        if distribution != LONG_POLE:
+            command = ["nice", "-n", "10", *command]
         run.log(f"building {source.name} for compute capability {host['capability']} (log: {log.name})")
+        # its own process group, to be stopped whole; the check's session, where niceness ranks the builds (the
+        # kernel's autogroup scheduling would weigh each session alike)
         builds[distribution] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=source, env=env,
-                                                 start_new_session=True), time.monotonic(), log, source)
-    deadline = start + stage_budget(run, run.args.build_limit, 200)
+                                                 preexec_fn=os.setpgrp), time.monotonic(), log, source)
+    deadline = time.monotonic() + run.budget("build", math.inf) - AFTER_BUILD
     return {"start": start, "deadline": deadline, "processes": builds, "results": results, "built": built}
 
 
 def finish_builds(run: Run, host: dict, builds: dict) -> None:
-    """Wait for the builds until their deadline, then install what was built (or built earlier)."""
-    results, built, tag = builds["results"], builds["built"], local_version(host)
-    for distribution, (process, began, log, source) in builds["processes"].items():
-        status = wait(process, builds["deadline"] - time.monotonic())
+    """Wait for the builds until their deadline (each one's time taken as it ends), install what was built or built
+    earlier, and copy what was built to --out."""
+    results, built, tag, processes = builds["results"], builds["built"], local_version(host), builds["processes"]
+    ended = {}
+    while len(ended) < len(processes) and time.monotonic() < builds["deadline"]:
+        time.sleep(1)
+        ended.update({distribution: time.monotonic() for distribution, (process, *_) in processes.items()
+                      if distribution not in ended and process.poll() is not None})
+    for distribution, (process, began, log, source) in processes.items():
+        status = process.returncode if distribution in ended else stop(process)
+        seconds = round(ended.get(distribution, time.monotonic()) - began, 1)
         log.close()
-        seconds = round(time.monotonic() - began, 1)
         text = Path(log.name).read_text(errors="replace")
         with open(run.log_path, "a") as file:
             file.write(f"---- build log of {distribution} (last 60 lines)\n" + "\n".join(text.splitlines()[-60:])
@@ -292,9 +344,68 @@ def finish_builds(run: Run, host: dict, builds: dict) -> None:
     for distribution, result in results.items():
         if result["status"] in ("built", "prebuilt"):
             install_wheel(run, distribution, result, built / result["wheel"])
+    send_wheels(run, results, built)
     failed = [d for d, r in results.items() if r["status"] not in ("built", "prebuilt")]
     run.record("build", "failed" if failed else "passed", time.monotonic() - builds["start"], packages=results,
                **({"reason": f"{', '.join(failed)} not built"} if failed else {}))
+
+
+def send_wheels(run: Run, results: dict, built: Path) -> None:
+    """Copy the wheels built here to --out (split_wheel), the long pole's first, while $OUT's room lasts; each
+    result lists its files there under "out"."""
+    files, size = OUT_RESULTS
+    for distribution in sorted(results, key=lambda distribution: distribution != LONG_POLE):
+        result = results[distribution]
+        if result["status"] != "built":
+            continue
+        wheel = built / result["wheel"]
+        parts = math.ceil(wheel.stat().st_size / run.part_size)
+        if files + parts > OUT_FILES or size + wheel.stat().st_size > OUT_TOTAL:
+            run.log(f"{wheel.name} ({parts} files) left out of --out: $OUT brings back at most {OUT_FILES} files, "
+                    f"{OUT_TOTAL // MiB} MiB")
+            result["out"] = []
+            continue
+        result["out"] = [path.name for path in split_wheel(wheel, run.out, run.part_size)]
+        files, size = files + parts, size + wheel.stat().st_size
+
+
+def split_wheel(wheel: Path, folder: Path, part_size: int) -> list:
+    """Copy `wheel` into `folder` under a name $OUT brings back: whole if at most `part_size` bytes, else in numbered
+    parts of that size whose names carry the whole wheel's sha256 (WHEEL_PART; gather_wheels joins them)."""
+    name = wheel.name.replace("+", OUT_PLUS)
+    data = wheel.read_bytes()
+    if len(data) <= part_size:
+        shutil.copy2(wheel, folder / name)
+        return [folder / name]
+    digest, count = hashlib.sha256(data).hexdigest(), math.ceil(len(data) / part_size)
+    parts = [folder / f"{name}.sha256-{digest}.part{index}of{count}" for index in range(1, count + 1)]
+    for index, part in enumerate(parts):
+        part.write_bytes(data[index * part_size:(index + 1) * part_size])
+    return parts
+
+
+def gather_wheels(folder: Path, target: Path) -> list:
+    """Copy into `target`, under their own names, the wheels in `folder` (and below) as split_wheel left them: whole,
+    or in parts, joined and checked against their sha256. Returns what is wrong with the parts left out."""
+    for whole in folder.rglob(f"*{OUT_PLUS}*.whl"):
+        shutil.copy2(whole, target / whole.name.replace(OUT_PLUS, "+"))
+    wheels = {}
+    for path in folder.rglob("*.sha256-*"):
+        part = WHEEL_PART.fullmatch(path.name)
+        if part:
+            wheels.setdefault((part["wheel"], part["digest"], int(part["count"])), {})[int(part["index"])] = path
+    problems = []
+    for (name, digest, count), parts in wheels.items():
+        missing = sorted(set(range(1, count + 1)) - set(parts))
+        if missing:
+            problems.append(f"{name}: part {', '.join(map(str, missing))} of {count} missing")
+            continue
+        data = b"".join(parts[index].read_bytes() for index in range(1, count + 1))
+        if hashlib.sha256(data).hexdigest() != digest:
+            problems.append(f"{name}: its {count} parts joined do not have the sha256 their names give")
+            continue
+        (target / name.replace(OUT_PLUS, "+")).write_bytes(data)
+    return problems
 
 
 class BuildError(Exception):
@@ -327,19 +438,13 @@ def version_key(version: str) -> tuple:
 
 
 def install_wheel(run: Run, distribution: str, result: dict, wheel: Path) -> None:
-    """pip install the wheel offline; a wheel built here is also copied to --out when small enough to come back."""
+    """pip install the wheel offline."""
     status, _, tail = run.run(f"install-{distribution}", [run.python, "-m", "pip", "install", "--no-deps", "--no-index",
                                                           "--disable-pip-version-check", wheel], 120)
     if status != 0:
         result.update(status="failed", reason="pip install: " + failure_reason(status, tail))
         return
     result["wheel_mib"] = round(wheel.stat().st_size / MiB, 1)
-    if result["status"] == "built":
-        if wheel.stat().st_size <= OUT_FILE_LIMIT:
-            shutil.copy2(wheel, run.out / wheel.name.replace("+", OUT_PLUS))
-            result["copied_to_out"] = True
-        else:
-            result["copied_to_out"] = False
 
 
 def failure_reason(status: Optional[int], lines: list, compile_errors: bool = False) -> str:
@@ -351,25 +456,35 @@ def failure_reason(status: Optional[int], lines: list, compile_errors: bool = Fa
 
 # ---- tests -----------------------------------------------------------------------------------------------------
 
-def run_tests(run: Run, stage: str = "tests", keep: float = 100) -> None:
-    """pytest, its JUnit report read back into the results: each test's outcome and recorded numbers. On CUDA,
-    stage `tests` runs the cases that need no kernel (while the kernels build), `kernel_tests` the others."""
-    report = run.work / f"{stage}.xml"
-    if run.cuda:
-        selection = ["-m", "cuda", "-k", KERNEL_CASES if stage == "kernel_tests" else f"not ({KERNEL_CASES})",
-                     "tests/ops"]
-        env = run.env(**TEST_MODEL)
+def run_tests(run: Run, stage: str = "tests") -> None:
+    """pytest, its JUnit report read back into the results: each test's outcome and recorded numbers (a run stopped at
+    its time limit still reports the tests it finished). On CUDA, stage `kernel_tests` runs the `cuda` and `triton`
+    backends' cases (KERNEL_CASES, one pytest run each), `tests` the others."""
+    if stage == "kernel_tests" and not run.cuda:
+        run.record(stage, "skipped", 0, reason="dry run: no kernels")
+        return
+    if not run.cuda:
+        runs = {stage: ["-m", "not cuda", "tests/ops/test_backends_in_model.py",
+                        "tests/ops/test_scan_backends.py::test_backend_matches_reference", "-k", "torch or broken"]}
+    elif stage == "kernel_tests":
+        runs = {f"{stage}-{case.strip('-')}": ["-m", "cuda", "-k", case, "tests/ops"] for case in KERNEL_CASES}
     else:
-        selection, env = ["-m", "not cuda", "tests/ops/test_backends_in_model.py",
-                          "tests/ops/test_scan_backends.py::test_backend_matches_reference", "-k", "torch or broken"], \
-            run.env()
-    command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-               f"--junitxml={report}", *selection]
-    status, seconds, tail = run.run(stage, command, stage_budget(run, 300, keep), env=env)
-    cases = read_junit(report) if report.exists() else []
+        runs = {stage: ["-m", "cuda", "-k", f"not ({' or '.join(KERNEL_CASES)})", "tests/ops"]}
+    env = run.env(**TEST_MODEL) if run.cuda else run.env()
+    cases, problems, seconds = [], [], 0.0
+    for name, selection in runs.items():
+        report = run.work / f"{name}.xml"
+        report.unlink(missing_ok=True)
+        command = [run.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+                   f"--junitxml={report}", *selection]
+        status, took, tail = run.run(name, command, run.budget(stage, math.inf), env=env)
+        seconds += took
+        cases += read_junit(report) if report.exists() else []
+        if status != 0:
+            problems.append(f"{name}: {failure_reason(status, tail)}")
     counts = {outcome: sum(case["outcome"] == outcome for case in cases) for outcome in ("passed", "failed", "skipped")}
-    passed = status == 0 and counts["passed"] > 0
-    reason = failure_reason(status, tail) if status != 0 else "no test passed: " + (tail or ["no output"])[-1]
+    passed = not problems and counts["passed"] > 0
+    reason = "; ".join(problems) if problems else "no test passed"
     run.record(stage, "passed" if passed else "failed", seconds, counts=counts, cases=cases,
                **({} if passed else {"reason": reason}))
 
@@ -379,6 +494,8 @@ def read_junit(path: Path) -> list:
 
     cases = []
     for case in ElementTree.parse(path).iter("testcase"):
+        if case.get("name") is None:      # the test running when pytest was interrupted: an empty <testcase>
+            continue
         outcome, message = "passed", None
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
@@ -451,7 +568,7 @@ def run_separate(run: Run) -> None:
     for device in devices:
         command = [run.venv / "bin" / "bsmamba2", "separate", song, "-o", folder / device, "--device", device,
                    "--bit-depth", "32f", "--force"]
-        status, seconds, lines = run.run(f"separate-{device}", command, stage_budget(run, 120, 60))
+        status, seconds, lines = run.run(f"separate-{device}", command, run.budget("separate", 120))
         backend = next((line.split("scan backend: ", 1)[1] for line in lines if "scan backend: " in line), None)
         details[device] = {"exit": status, "seconds": round(seconds, 1), "scan_backend": backend}
         if status != 0:
@@ -497,7 +614,7 @@ def run_benchmark(run: Run) -> None:
         groups = [("mixer", ["--paths", "mixer", "--model-config", "configs/small.yaml"], {})]
     records, runs, problems = [], [], []
     for group, extra, env in groups:
-        budget = stage_budget(run, 600, 10)
+        budget = run.budget("benchmark", math.inf)
         if budget < 30:
             runs.append({"group": group, "status": "skipped: out of time"})
             problems.append(f"{group}: not run, out of time")
@@ -541,8 +658,9 @@ def speed_table(records: list) -> dict:
 
 # ---- main ------------------------------------------------------------------------------------------------------
 
-CHECKS = {"tests": lambda run: run_tests(run, "kernel_tests" if run.cuda else "tests"), "separate": run_separate,
-          "benchmark": run_benchmark}
+CHECKS = {"separate": run_separate, "kernel_tests": lambda run: run_tests(run, "kernel_tests"),
+          "benchmark": run_benchmark, "tests": run_tests}
+STAGES = ["build", *CHECKS]      # the default, in this order: first what the H200 runs have not yet passed
 
 
 def parse_args(argv=None):
@@ -552,18 +670,20 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "build" / "gpu-check" / "out"),
                         help="where the JSON, the log and built wheels go (default: $OUT, else build/gpu-check/out)")
     parser.add_argument("--wheels", default=str(REPO / "gpu_wheels"),
-                        help="wheels and sdists from scripts/gpu_wheels.sh, and wheels built earlier "
-                             "(default: gpu_wheels/)")
+                        help="wheels and sdists from scripts/gpu_wheels.sh, and wheels built earlier, whole or in "
+                             "parts, as --out received them (default: gpu_wheels/)")
     parser.add_argument("--work-dir", default=str(REPO / "build" / "gpu-check"),
                         help="the venv, sources, built wheels (reused by a later run) and logs "
                              "(default: build/gpu-check)")
     parser.add_argument("--time-limit", type=float, default=570,
-                        help="seconds for the whole run; each stage takes at most what the later ones leave "
-                             "(default: 570, for a 600 s command limit)")
-    parser.add_argument("--build-limit", type=float, default=330, help="seconds for the build (default: 330)")
-    parser.add_argument("--stages", default=",".join(CHECKS), type=lambda text: text.split(","),
-                        help=f"the checks to run after the environment and the build, comma-separated (default: "
-                             f"{','.join(CHECKS)}; e.g. benchmark alone, to finish one that ran out of time)")
+                        help="seconds for the whole run; each stage leaves the checks after it the time they "
+                             "need (default: 570, for a 600 s command limit)")
+    parser.add_argument("--stages", default=list(STAGES), type=lambda text: text.split(","),
+                        help=f"the stages after the environment, comma-separated, run in the order given, build "
+                             f"first (default: {','.join(STAGES)})")
+    parser.add_argument("--out-file-mib", type=float, default=16,
+                        help="the largest file --out may hold: a wheel built larger goes there in parts "
+                             "(default: 16, what the GPU machine's $OUT brings back)")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compare-stems", nargs=3, metavar=("SONG", "STEMS", "REFERENCE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -571,9 +691,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = set(args.stages) - set(CHECKS)
+    unknown = set(args.stages) - set(STAGES)
     if unknown:
-        raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))} (choose from {', '.join(CHECKS)})")
+        raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
+    if "build" in args.stages[1:]:
+        raise SystemExit("--stages: build comes first (the checks use what it installs)")
     if args.probe:
         print(json.dumps(describe_host()))
         return 0
@@ -581,6 +703,9 @@ def main(argv=None) -> int:
         song, stems, reference = args.compare_stems
         print(json.dumps(compare_stems(Path(song), Path(stems), Path(reference) if reference else None)))
         return 0
+    # stop() interrupts commands with SIGINT: started from a shell's background job, this process would otherwise
+    # pass on that job's ignored SIGINT to them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run = Run(args)
     run.log(f"gpu_check ({run.results['mode']}): results in {run.results_path}, log in {run.log_path}")
     if not make_environment(run):
@@ -594,17 +719,15 @@ def main(argv=None) -> int:
         run.record("device", "failed", 0, reason="torch sees no CUDA device (use --dry-run on a CPU machine)")
         return 1
     run.log(f"{host['gpu'] or 'CPU'}, torch {host['torch']} (CUDA {host['cuda']}), Python {host['python']}")
-    some = "" if args.stages == list(CHECKS) else "-" + "-".join(args.stages)
     if run.cuda:
-        run.name_results(f"{run.results['date'][:10]}-{gpu_slug(host['gpu'])}{some}.json")
-        builds = start_builds(run, host)
-        if "tests" in args.stages:              # the cases that need no kernel, while the kernels build
-            run_tests(run, "tests", keep=250)   # for the kernel tests, separate and benchmark after the build
-        finish_builds(run, host, builds)
-        try:
-            host = run.results["host"] = probe(run)
-        except ProbeError as error:       # e.g. importing a kernel crashed the interpreter
-            host["backends_unavailable"].update(cuda=str(error), triton=str(error))
+        run.name_results(gpu_slug(host["gpu"]))
+        finish_builds(run, host, start_builds(run, host))
+        packages = run.results["stages"]["build"]["packages"].values()
+        if any(package["status"] in ("built", "prebuilt") for package in packages):
+            try:
+                host = run.results["host"] = probe(run)
+            except ProbeError as error:   # e.g. importing a kernel crashed the interpreter
+                host["backends_unavailable"].update(cuda=str(error), triton=str(error))
         broken = {name: host["backends_unavailable"][name] for name in ("cuda", "triton")
                   if host["backends_unavailable"][name]}
         if broken and run.results["stages"]["build"]["status"] == "passed":
@@ -614,7 +737,8 @@ def main(argv=None) -> int:
     unavailable = {name: reason for name, reason in host["backends_unavailable"].items() if reason}
     run.log(f"backends that cannot run here: {json.dumps(unavailable)}")
     for name in args.stages:
-        CHECKS[name](run)
+        if name != "build":
+            CHECKS[name](run)
     run.save()
     run.log(f"{'PASSED' if run.results['passed'] else 'FAILED: ' + ', '.join(run.results['failed_stages'])}; "
             f"{run.results_path}")

@@ -1,9 +1,13 @@
-"""scripts/gpu_check.sh, the one-command CUDA check: its CPU dry run end to end, a run out of time, and the build's
-preparation of a kernel sdist (the build itself needs nvcc and a GPU)."""
+"""scripts/gpu_check.sh, the CUDA check: its CPU dry run end to end, a run out of time, the build's preparation of a
+kernel sdist and its plumbing with stand-in sdists (the real build needs nvcc and a GPU), and built wheels split to
+come back through $OUT and joined again."""
 import importlib.util
+import hashlib
 import io
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -30,19 +34,20 @@ def dry_run(tmp_path, *options):
                           capture_output=True, text=True, env=env, timeout=600)
     results = [path for path in (tmp_path / "out").glob("*.json")]
     assert len(results) == 1, done.stdout + done.stderr
-    return done, json.loads(results[0].read_text())
+    return done, results[0].name, json.loads(results[0].read_text())
 
 
 def test_dry_run_runs_every_stage_on_the_cpu_and_reports_them(tmp_path):
-    done, results = dry_run(tmp_path)
+    done, name, results = dry_run(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert name.endswith("-cpu-dry-run.json")
     assert results["mode"] == "dry-run" and results["passed"] is True and results["failed_stages"] == []
     assert results["date"].endswith("Z") and results["host"]["torch"] and results["host"]["gpu"] is None
     unavailable = results["host"]["backends_unavailable"]
     assert unavailable["torch"] is None and unavailable["cuda"] == "the tensors are on cpu"
     stages = results["stages"]
-    assert list(stages) == ["environment", "build", "tests", "separate", "benchmark"]
-    assert stages["build"]["status"] == "skipped"
+    assert list(stages) == ["environment", "build", "separate", "kernel_tests", "benchmark", "tests"]
+    assert stages["build"]["status"] == stages["kernel_tests"]["status"] == "skipped"
 
     cases = {case["test"].split("::", 1)[1]: case for case in stages["tests"]["cases"]}
     assert stages["tests"]["counts"]["failed"] == 0 and stages["tests"]["counts"]["passed"] >= 13
@@ -64,19 +69,48 @@ def test_dry_run_runs_every_stage_on_the_cpu_and_reports_them(tmp_path):
     assert "PASSED" in log and "bsmamba2 separate" in log
 
 
+def test_a_build_only_dry_run_makes_the_environment_and_names_its_stages(tmp_path):
+    done, name, results = dry_run(tmp_path, "--stages", "build")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert name.endswith("-cpu-dry-run-build.json") and results["passed"] is True
+    assert list(results["stages"]) == ["environment", "build"]
+
+
+def test_stages_are_known_and_the_build_comes_first():
+    gpu_check = load_gpu_check()
+    with pytest.raises(SystemExit, match="unknown bench"):
+        gpu_check.main(["--dry-run", "--stages", "separate,bench"])
+    with pytest.raises(SystemExit, match="build comes first"):
+        gpu_check.main(["--dry-run", "--stages", "separate,build"])
+
+
 def test_a_command_past_its_time_is_stopped_and_stages_out_of_time_fail(tmp_path):
     gpu_check = load_gpu_check()
     run = gpu_check.Run(gpu_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--work-dir",
                                               str(tmp_path / "work"), "--time-limit", "20"]))
     sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     status, seconds, lines = run.run("sleeper", sleeper, timeout=1)
-    assert status is None and seconds < 10 and lines == ["started"]
+    assert status is None and seconds < 10 and lines[0] == "started"
     assert gpu_check.failure_reason(status, lines) == "stopped at its time limit"
     gpu_check.run_benchmark(run)                       # 20 s left, less than the 30 s a benchmark run needs
     results = json.loads(run.results_path.read_text())
     assert results["passed"] is False and results["failed_stages"] == ["benchmark"]
     assert results["stages"]["benchmark"]["runs"] == [{"group": "mixer", "status": "skipped: out of time"}]
     assert "mixer: not run, out of time" in results["stages"]["benchmark"]["reason"]
+
+
+def test_pytest_stopped_at_its_time_limit_still_reports_the_tests_it_finished(tmp_path):
+    gpu_check = load_gpu_check()
+    run = gpu_check.Run(gpu_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--work-dir",
+                                              str(tmp_path / "work")]))
+    tests = tmp_path / "test_timed.py"
+    tests.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_long():\n    time.sleep(120)\n")
+    report = tmp_path / "report.xml"
+    status, seconds, _ = run.run("timed", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                           f"--junitxml={report}", tests], timeout=20)
+    assert status is None and seconds < 35
+    assert [(case["test"].split("::")[-1], case["outcome"]) for case in gpu_check.read_junit(report)] == \
+        [("test_quick", "passed")]
 
 
 SETUP_PY = '''cc_flag = []
@@ -132,42 +166,93 @@ cc_flag = []
 cc_flag.append("-gencode")
 cc_flag.append("arch=compute_75,code=sm_75")
 assert cc_flag == [] and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0" and os.environ["MAX_JOBS"]
+assert os.environ["NVCC_APPEND_FLAGS"] == "--split-compile=0" and "%e" in os.environ["NINJA_STATUS"]
 prefix = "PREFIX"
 assert os.environ[prefix + "_FORCE_BUILD"] == "TRUE"
-open("NAME.py", "w").write("BUILT_FOR = " + repr(os.environ[prefix + "_LOCAL_VERSION"]) + "\\n")
+open("NAME.py", "w").write(f"BUILT_FOR, NICENESS, SESSION = {os.environ[prefix + '_LOCAL_VERSION']!r}, "
+                           f"{os.nice(0)}, {os.getsid(0)}\\n")
 setup(name="NAME", version="1.0+" + os.environ[prefix + "_LOCAL_VERSION"], py_modules=["NAME"])
 '''
 
 
 def test_build_stage_builds_installs_and_reuses_wheels(tmp_path):
     """The build's plumbing, with stand-in sdists whose setup.py checks what it is given (the real ones need nvcc
-    and a CUDA torch): built in parallel, tagged with the GPU and torch, installed, copied to --out under a name
-    $OUT brings back, and found again by a later run, also from that copy."""
+    and a CUDA torch): built in parallel, the long pole at full priority and the other niced, tagged with the GPU
+    and torch, installed, copied in parts to --out under names $OUT brings back, and found again by a later run
+    from those parts, or from the work folder; without the parts and without `build`, the packages fail."""
     gpu_check = load_gpu_check()
     wheels = tmp_path / "wheels"
     for name, prefix in gpu_check.KERNEL_PACKAGES.values():
         write_sdist(wheels, f"{name}-1.0", FAKE_KERNEL_SETUP.replace("NAME", name).replace("PREFIX", prefix))
-    options = ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--wheels", str(wheels)]
+    options = ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--wheels", str(wheels),
+               "--stages", "build", "--out-file-mib", str(1024 / gpu_check.MiB)]
     run = gpu_check.Run(gpu_check.parse_args(options))
     assert gpu_check.make_environment(run)
     host = {"capability": "9.0", "torch": "2.11.0+cu130"}
     gpu_check.finish_builds(run, host, gpu_check.start_builds(run, host))
     build = run.results["stages"]["build"]
     assert build["status"] == "passed", build
+    niceness = {}
     for distribution, (name, _) in gpu_check.KERNEL_PACKAGES.items():
         result = build["packages"][distribution]
         assert result["status"] == "built" and result["wheel"].startswith(f"{name}-1.0+sm90.torch2.11.0.cu130-")
-        assert result["copied_to_out"] and (tmp_path / "out" / result["wheel"].replace("+", "_plus_")).exists()
-        built_for = subprocess.run([str(run.python), "-c", f"import {name}; print({name}.BUILT_FOR)"],
-                                   capture_output=True, text=True, cwd=tmp_path).stdout.strip()
-        assert built_for == "sm90.torch2.11.0.cu130"
+        size = (run.work / "wheels" / result["wheel"]).stat().st_size
+        assert len(result["out"]) == math.ceil(size / 1024) >= 2                    # a wheel larger than a part
+        assert all((tmp_path / "out" / part).stat().st_size <= 1024 for part in result["out"])
+        module = f"import {name}; print({name}.BUILT_FOR, {name}.NICENESS, {name}.SESSION)"
+        built_for, niceness[distribution], session = subprocess.run(
+            [str(run.python), "-c", module], capture_output=True, text=True, cwd=tmp_path).stdout.split()
+        assert built_for == "sm90.torch2.11.0.cu130" and int(session) == os.getsid(0)
+    assert int(niceness["mamba-ssm"]) > int(niceness[gpu_check.LONG_POLE])
 
-    # a later run on a fresh machine: the wheels brought back from $OUT, carried in the wheels folder
-    for wheel in (tmp_path / "out").glob("*.whl"):
-        wheel.rename(wheels / wheel.name)
-    options[3] = str(tmp_path / "fresh-work")
+    # a later run on a fresh machine: the parts brought back from $OUT, carried in the wheels folder
+    for part in (tmp_path / "out").glob("*.part*"):
+        part.rename(wheels / part.name)
+    options[3], options[7] = str(tmp_path / "fresh-work"), "separate"
     run = gpu_check.Run(gpu_check.parse_args(options))
     assert gpu_check.make_environment(run)
     gpu_check.finish_builds(run, host, gpu_check.start_builds(run, host))
     packages = run.results["stages"]["build"]["packages"]
     assert {result["status"] for result in packages.values()} == {"prebuilt"}
+
+    # the same machine, nothing carried: the wheels in the work folder; another machine: nothing to install
+    for part in wheels.glob("*.part*"):
+        part.unlink()
+    for work, status in (("fresh-work", "prebuilt"), ("bare-work", "failed")):
+        options[3] = str(tmp_path / work)
+        run = gpu_check.Run(gpu_check.parse_args(options))
+        gpu_check.finish_builds(run, host, gpu_check.start_builds(run, host))
+        packages = run.results["stages"]["build"]["packages"]
+        assert {result["status"] for result in packages.values()} == {status}
+    assert "`build` is not among --stages" in packages["mamba-ssm"]["reason"]
+
+
+def test_wheels_split_into_parts_come_back_whole_and_checked(tmp_path):
+    gpu_check = load_gpu_check()
+    built, out, target = tmp_path / "built", tmp_path / "out", tmp_path / "target"
+    for folder in (built, out, target):
+        folder.mkdir()
+    large = built / "mamba_ssm-2.3.2+sm90.torch2.11.0.cu130-cp312-cp312-linux_x86_64.whl"
+    large.write_bytes(os.urandom(2500))
+    small = built / "causal_conv1d-1.7.0+sm90.torch2.11.0.cu130-cp312-cp312-linux_x86_64.whl"
+    small.write_bytes(os.urandom(900))
+    parts = gpu_check.split_wheel(large, out, part_size=1000)
+    assert [part.stat().st_size for part in parts] == [1000, 1000, 500]
+    digest = hashlib.sha256(large.read_bytes()).hexdigest()
+    assert parts[0].name == f"{large.name.replace('+', '_plus_')}.sha256-{digest}.part1of3"
+    whole = gpu_check.split_wheel(small, out, part_size=1000)
+    assert [path.name for path in whole] == [small.name.replace("+", "_plus_")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", path.name) for path in out.iterdir())   # what $OUT brings back
+
+    assert gpu_check.gather_wheels(out, target) == []
+    assert sorted(path.name for path in target.iterdir()) == sorted([large.name, small.name])
+    assert (target / large.name).read_bytes() == large.read_bytes()
+
+    for path in target.iterdir():
+        path.unlink()
+    parts[1].write_bytes(b"x" + parts[1].read_bytes()[1:])              # a part altered on the way
+    assert gpu_check.gather_wheels(out, target) == [
+        f"{parts[0].name.split('.sha256-')[0]}: its 3 parts joined do not have the sha256 their names give"]
+    parts[2].unlink()                                                   # a part that did not come back
+    assert gpu_check.gather_wheels(out, target) == [f"{parts[0].name.split('.sha256-')[0]}: part 3 of 3 missing"]
+    assert [path.name for path in target.iterdir()] == [small.name]
