@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Grow a trained model by one dual-path layer without changing what it computes, as a starting point for
-fine-tuning a deeper model (`train.py --init GROWN --set model.depth=D+1`) instead of training it from scratch.
+"""Grow a trained model, as a starting point for fine-tuning a larger one instead of training it from scratch: by
+one dual-path layer (`train.py --init GROWN --set model.depth=D+1`), or by mask estimators for more stems.
 
     python scripts/grow_model.py bsmamba2/pretrained/synth_vocals.ckpt runs/grown.ckpt [--seed N] [--force]
+    python scripts/grow_model.py bsmamba2/pretrained/synth_vocals.ckpt runs/4stem.ckpt --stems vocals,drums,bass,other
 
 Every layer is residual (x + block(x)), so a new last layer whose blocks' output projections are zero is the
-identity: the grown model separates exactly as its source at first, and training moves it from there.
+identity: the grown model separates exactly as its source at first, and training moves it from there. With
+--stems, the source's stems keep their mask estimators (and so their separation), the network before them is the
+source's, and each new stem's estimator starts from the usual initialisation.
 """
 import argparse
 import dataclasses
@@ -26,20 +29,43 @@ def main() -> int:
     parser.add_argument("output")
     parser.add_argument("--seed", type=int, default=0, help="for the new layer's initial weights (default 0)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--stems", type=lambda text: text.split(","), metavar="A,B,...",
+                        help="instead of a layer, these stems (a superset of the source's, in the order wanted)")
     args = parser.parse_args()
     refuse_overwrite(args.output, args.force)
     source = bsmamba2.load_model(args.checkpoint)
-    model_config = dataclasses.replace(source.config.model, depth=source.config.model.depth + 1)
+    weights = source.state_dict()
+    if args.stems:
+        missing = [stem for stem in source.stems if stem not in args.stems]
+        if missing:
+            raise BSMamba2Error(f"--stems {','.join(args.stems)}: must keep the source's stems (missing "
+                                f"{', '.join(missing)})")
+        model_config = dataclasses.replace(source.config.model, stems=args.stems)
+        # each kept stem's estimator moves to that stem's place in the new order; the new stems' are left out
+        weights = {_move_estimator(name, source.stems, args.stems): tensor for name, tensor in weights.items()}
+    else:
+        model_config = dataclasses.replace(source.config.model, depth=source.config.model.depth + 1)
     torch.manual_seed(args.seed)  # the same source and seed always give the same grown weights
     grown = build_model(dataclasses.replace(source.config, model=model_config))
-    grown.load_state_dict(source.state_dict(), strict=False)  # all but the new layer
-    for block in grown.layers[-1]:
-        torch.nn.init.zeros_(block.linear.weight)
-        torch.nn.init.zeros_(block.linear.bias)
+    grown.load_state_dict(weights, strict=False)  # all but the new layer or the new stems' estimators
+    if not args.stems:
+        for block in grown.layers[-1]:
+            torch.nn.init.zeros_(block.linear.weight)
+            torch.nn.init.zeros_(block.linear.bias)
     save_model(grown, args.output)
-    print(f"{args.output}: depth {model_config.depth}, {sum(p.numel() for p in grown.parameters()):,} parameters; "
-          f"fine-tune with --init {args.output} --set model.depth={model_config.depth}")
+    change = f"--set model.depth={model_config.depth}" if not args.stems else f"stems {','.join(args.stems)}"
+    print(f"{args.output}: depth {model_config.depth}, stems {','.join(model_config.stems)}, "
+          f"{sum(p.numel() for p in grown.parameters()):,} parameters; fine-tune with --init {args.output} ({change})")
     return 0
+
+
+def _move_estimator(name: str, old_stems: list, new_stems: list) -> str:
+    """`mask_estimators.I.rest` → `mask_estimators.J.rest`, J the new place of old stem I; other names unchanged."""
+    prefix, _, rest = name.partition(".")
+    if prefix != "mask_estimators":
+        return name
+    index, _, rest = rest.partition(".")
+    return f"mask_estimators.{new_stems.index(old_stems[int(index)])}.{rest}"
 
 
 if __name__ == "__main__":

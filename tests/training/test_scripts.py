@@ -107,6 +107,23 @@ def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, t
         assert torch.equal(grown_weights[name], tensor), name
 
 
+def test_grown_stems_keep_the_sources_separation(data_root, tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_config(data_root))  # vocals only
+    save_model(source, tmp_path / "source.ckpt")
+    result = run_script("grow_model.py", tmp_path / "source.ckpt", tmp_path / "grown.ckpt", "--stems",
+                        "drums,vocals,bass")
+    assert result.returncode == 0, result.stderr
+    grown = bsmamba2.load_model(tmp_path / "grown.ckpt")
+    assert grown.stems == ["drums", "vocals", "bass"] and grown.config.model.depth == source.config.model.depth
+    mixture = torch.randn(1, 2, 22050)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(mixture)[:, 1], source.eval()(mixture)[:, 0], rtol=0, atol=1e-6)
+    dropped = run_script("grow_model.py", tmp_path / "source.ckpt", tmp_path / "other.ckpt", "--stems", "drums")
+    assert dropped.returncode != 0 and "must keep the source's stems (missing vocals)" in dropped.stderr
+    assert not (tmp_path / "other.ckpt").exists()
+
+
 @pytest.mark.parametrize("script", ["export_model.py", "grow_model.py"])
 def test_unreadable_checkpoint_is_one_line_error_and_writes_nothing(script, tmp_path):
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
