@@ -16,6 +16,8 @@ from bsmamba2.metrics import usdr
 REPO = Path(__file__).resolve().parents[1]
 STEMS = ("vocals", "drums", "bass", "other")
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs flite (apt-get install flite)")
+needs_festival = pytest.mark.skipif(not Path("/usr/share/festival/voices/english/ked_diphone").is_dir(),
+                                    reason="needs festival and festvox-kdlpc16k")
 
 
 def load(path: Path):
@@ -53,6 +55,21 @@ def test_a_song_is_a_function_of_its_seed_and_index():
     other = songs.render_song("synth", 3, 2, 2.0)
     assert all(np.array_equal(first[stem], again[stem]) for stem in STEMS)
     assert not np.array_equal(first["other"], other["other"])
+
+
+def test_a_sung_song_is_the_same_whichever_vocals_option_chose_it():
+    index = next(i for i in range(20) if np.random.default_rng([3, i, 7]).random() < 0.5)  # "mix" sings this one
+    mixed, sung = songs.render_song("synth", 3, index, 2.0, "mix"), songs.render_song("synth", 3, index, 2.0, "sung")
+    assert all(np.array_equal(mixed[stem], sung[stem]) for stem in STEMS)
+
+
+@needs_festival
+@needs_flite
+@pytest.mark.parametrize("voice", ["ked_diphone", "kal"])
+def test_spoken_phrases_at_the_song_rate(voice):
+    phrase = songs.spoken_phrase(4, np.random.default_rng(0), voice)
+    assert phrase.ndim == 1 and 0.5 * songs.RATE < phrase.size < 6 * songs.RATE
+    assert np.sqrt(np.mean(phrase ** 2)) > 0.01
 
 
 def test_karplus_strong_pluck_sounds_at_its_pitch():

@@ -6,12 +6,15 @@ voices), in two families of instruments that share no sound source:
 
   synth     training songs: subtractive (band-limited saw or square through a low-pass), two-operator FM and
             additive organ voices; a swept-sine kick, noise snare and hi-hat; a formant singer (glottal pulses
-            through vowel resonators, with vibrato and consonant noise); a room reverb on every stem.
+            through vowel resonators, with vibrato and consonant noise) or voices spoken by festival (eleven
+            diphone, unit-selection and HTS speakers of seven languages, from Debian's festvox packages; none of
+            them a flite speaker); a room reverb on every stem.
   holdout   evaluation songs only (scripts/generalisation.py): Karplus–Strong plucked strings and bass, tuned
             toms, clave and shaker, and voices *spoken* by flite (a diphone speech synthesiser no training song
             uses); dry, with other pans. Needs Debian's `flite`.
 
   python tools/procedural_songs.py OUT --tracks 100 --duration 30 --seed 5 [--family synth] [--subset train]
+         [--vocals mix|sung|spoken]
 
 Writes OUT/<subset>/proc_<family>_<seed>_<i>/{vocals,drums,bass,other,mixture}.wav (44.1 kHz stereo 16-bit,
 mixture = the sum of the stems sample-exactly); song i of seed s is drawn from the generator seeded [s, i], so any
@@ -32,6 +35,12 @@ from scipy import signal
 RATE = 44100
 STEMS = ("vocals", "drums", "bass", "other")
 FAMILIES = ("synth", "holdout")
+VOCALS = ("mix", "sung", "spoken")  # the synth family's voices: the formant singer, festival speech, or either
+# Festival's speakers (Debian: festival festvox-kdlpc16k festvox-italp16k festvox-itapc16k festvox-ca-ona-hts
+# festvox-czech-dita festvox-czech-machac festvox-czech-krb festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv).
+FESTIVAL_VOICES = ("ked_diphone", "lp_diphone", "pc_diphone", "upc_ca_ona_hts", "czech_dita", "czech_krb",
+                   "czech_machac", "czech_ph", "hy_fi_mv_diphone", "suo_fi_lj_diphone", "msu_ru_nsh_clunits")
+FLITE_VOICES = ("kal", "awb", "rms", "slt", "kal16")
 PROGRESSIONS = ([0, 4, 5, 3], [0, 5, 3, 4], [5, 3, 0, 4], [0, 3, 4, 4], [0, 2, 5, 4], [0, 3, 0, 4])
 SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10]}
 # First three formants (Hz) of five vowels, an adult male voice (Peterson & Barney's averages, rounded).
@@ -169,18 +178,23 @@ def shaker(n: int, rng) -> np.ndarray:
 
 
 def spoken_phrase(words: int, rng, voice: str) -> np.ndarray:
-    """flite speaking `words` random words, at 44.1 kHz."""
+    """`voice` (a FLITE_VOICES or FESTIVAL_VOICES speaker) speaking `words` random words, at 44.1 kHz."""
     import soundfile
     import soxr
 
-    if not shutil.which("flite"):
-        raise SystemExit("the holdout family's voices need flite: apt-get install flite")
+    engine = "flite" if voice in FLITE_VOICES else "text2wave"
+    if not shutil.which(engine):
+        raise SystemExit(f"voice {voice} needs {engine}: apt-get install {'flite' if engine == 'flite' else 'festival'}"
+                         " (and its festvox packages, listed in tools/procedural_songs.py)")
     text = " ".join(rng.choice(WORDS, size=words))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "phrase.wav")
-        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", path], check=True, capture_output=True)
-        audio, rate = soundfile.read(path, dtype="float64")
-    return soxr.resample(audio, rate, RATE)
+        command = (["flite", "-voice", voice, "-t", text, "-o", path] if engine == "flite"
+                   else ["text2wave", "-eval", f"(voice_{voice})", "-o", path])
+        subprocess.run(command, input=None if engine == "flite" else text, text=True, check=True,
+                       capture_output=True)
+        audio, rate = soundfile.read(path, dtype="float64", always_2d=True)
+    return soxr.resample(audio[:, 0], rate, RATE)
 
 
 # ---- composition ------------------------------------------------------------------------------------------------
@@ -209,9 +223,14 @@ def reverb(stereo: np.ndarray, rng) -> np.ndarray:
     return stereo + wet * tails * np.sqrt(np.mean(stereo ** 2) / max(np.mean(tails ** 2), 1e-12))
 
 
-def render_song(family: str, seed: int, index: int, duration: float) -> dict:
-    """The four stems of song `index` of `seed`, {stem: float64 (2, samples)}, before any level normalisation."""
+def render_song(family: str, seed: int, index: int, duration: float, vocals: str = "mix") -> dict:
+    """The four stems of song `index` of `seed`, {stem: float64 (2, samples)}, before any level normalisation.
+    `vocals` chooses the synth family's voice (the holdout family's is always spoken by flite)."""
     rng = np.random.default_rng([seed, index, FAMILIES.index(family)])
+    # its own generator, so that a sung song is the same whichever `vocals` chose it
+    voice_rng = np.random.default_rng([seed, index, 7])
+    if vocals == "mix":
+        vocals = "sung" if voice_rng.random() < 0.5 else "spoken"
     n = int(duration * RATE)
     beat = 60 / rng.uniform(80, 150)
     scale = SCALES[rng.choice(list(SCALES))]
@@ -255,7 +274,7 @@ def render_song(family: str, seed: int, index: int, duration: float) -> dict:
             for name in hit:
                 place(mono["drums"], start + step * beat / 2, drum_voices[name](int(0.4 * RATE), rng), 0.6)
     vocal_bars = rng.random(bars) < rng.uniform(0.4, 0.9)
-    if family == "synth":
+    if family == "synth" and vocals == "sung":
         formant_scale = rng.choice([1.0, 1.17])  # male or female vocal tract
         octave = 1 if formant_scale == 1.0 else 2
         for bar in np.flatnonzero(vocal_bars):
@@ -265,8 +284,13 @@ def render_song(family: str, seed: int, index: int, duration: float) -> dict:
                     note = degree(progression[bar % len(progression)] + int(rng.integers(-2, 5)), octave)
                     syllable = sung_syllable(midi_hz(note), int(step_beats * beat * RATE * 0.95), rng, formant_scale)
                     place(mono["vocals"], (bar * 4 + position) * beat, syllable)
+    elif family == "synth":
+        voice = str(voice_rng.choice(FESTIVAL_VOICES))
+        for bar in np.flatnonzero(vocal_bars[::2]) * 2:
+            place(mono["vocals"], bar * 4 * beat + voice_rng.uniform(0, beat),
+                  spoken_phrase(int(voice_rng.integers(4, 9)), voice_rng, voice))
     else:
-        voice = str(rng.choice(["kal", "awb", "rms", "slt", "kal16"]))
+        voice = str(rng.choice(FLITE_VOICES))
         vocal_bars[0] = True  # every evaluation song has a voice
         for bar in np.flatnonzero(vocal_bars[::2]) * 2:
             place(mono["vocals"], bar * 4 * beat + rng.uniform(0, beat), spoken_phrase(int(rng.integers(4, 9)), rng,
@@ -304,13 +328,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=FAMILIES, default="synth")
     parser.add_argument("--subset", default="train")
+    parser.add_argument("--vocals", choices=VOCALS, default="mix", help="the synth family's voices (default: mix)")
     args = parser.parse_args(argv)
     for index in range(args.first, args.first + args.tracks):
         name = f"proc_{args.family}_{args.seed}_{index:05d}"
         folder = Path(args.out) / args.subset / name
         if (folder / "mixture.wav").exists():
             continue
-        stems = render_song(args.family, args.seed, index, args.duration)
+        stems = render_song(args.family, args.seed, index, args.duration, args.vocals)
         write_song(folder, stems, np.random.default_rng([args.seed, index, 99]))
         print(f"{name}: ok", flush=True)
 
