@@ -28,7 +28,7 @@ from .apply import apply_model
 from .audio import BLOCK_FRAMES, AudioReader, AudioWriter, check_output_format, finite, resample_blocks
 from .checkpoint import load_model
 from .errors import BSMamba2Error
-from .files import path_inside, refuse_overwrite, track_name
+from .files import path_inside, track_name
 from .pretrained import default_checkpoint
 from .quantize import check_quantize
 from .runtime import resolve_device
@@ -56,8 +56,9 @@ class Separator:
     tta: also run each chunk with inverted polarity and swapped channels, and average.
     file_format ("wav", "flac", "mp3", "ogg", "opus"), bit_depth ("16", "24" (default), "32f"; wav and flac only),
     bitrate (kbps, lossy formats only), filename (template with the FILENAME_FIELDS, see `output_paths`),
-    force (overwrite existing stems), jobs (≥ 2: decode in one thread and encode in jobs − 1 threads beside
-    inference), progress (a tqdm bar per file).
+    force (rewrite stems that are already there; by default `separate_file` writes only the missing ones), jobs
+    (≥ 2: decode in one thread and encode in jobs − 1 threads beside inference), progress (a tqdm bar per file
+    while stderr is a terminal).
     """
 
     def __init__(self, checkpoint: Union[str, Path, None] = None, device: Union[str, torch.device] = "auto", *,
@@ -71,7 +72,7 @@ class Separator:
         check_filename_template(filename)
         _check(jobs >= 1, f"jobs {jobs}: must be at least 1")
         _check(model is None or checkpoint is None, "choose either a checkpoint or a model, not both")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, option="device")
         check_quantize(quantize, self.device)  # before a download
         if model is not None:
             from .hub import checkpoint_file
@@ -82,8 +83,8 @@ class Separator:
         if self.checkpoint.suffix.lower() == ".onnx":  # a `bsmamba2 export` file, run by onnxruntime
             from .onnx import OnnxModel
 
-            _check(config is None, "an ONNX model carries its own config: --config applies to checkpoints only")
-            _check(quantize is None, "--quantize applies to PyTorch checkpoints, not to an ONNX model")
+            _check(config is None, "an ONNX model carries its own config: a config applies to checkpoints only")
+            _check(quantize is None, f"quantize {quantize}: applies to PyTorch checkpoints, not to an ONNX model")
             self.model = OnnxModel(self.checkpoint, chunk_seconds)
         else:
             self.model = load_model(self.checkpoint, config, self.device, quantize=quantize)
@@ -110,7 +111,7 @@ class Separator:
         self._stem_index = [self.model.stems.index(name) for name in computed]
         self.outputs = computed + ([f"no_{two_stems}"] if two_stems else [])
         _check(len(self.outputs) == 1 or "{stem}" in filename,
-               f"--filename {filename!r}: needs {{stem}} to tell the {len(self.outputs)} stems apart")
+               f"filename {filename!r}: needs {{stem}} to tell the {len(self.outputs)} stems apart")
 
     def separate(self, audio, sample_rate: int) -> dict[str, np.ndarray]:
         """Stems of a numpy array or tensor shaped (channels, samples), (samples, channels) or (samples,) with one
@@ -138,24 +139,31 @@ class Separator:
     def separate_file(self, path: Union[str, Path], out_dir: Union[str, Path, None] = None, *, folder: str = "",
                       only: Optional[Iterable[str]] = None,
                       on_progress: Optional[Callable[[float, float], None]] = None) -> dict:
-        """Separate an audio file. With `out_dir`, write the stems there (named by the filename template, with
-        `folder` for its {folder} field) and return their paths; `only` writes just these of `self.outputs`
-        (the model still runs once over the whole track). Without `out_dir`, return the stems as (channels,
-        samples) float32 arrays. `on_progress(seconds_done, seconds_total)` is called after each block; an
-        exception it raises stops the separation there, and no stem file is left behind."""
+        """Separate an audio file. With `out_dir`, make sure its stems are there (named by the filename template,
+        with `folder` for its {folder} field) and return their paths: the stems `missing_stems` names are written
+        (the model still runs once over the whole track), the others kept, so that calling it again finishes an
+        interrupted run and a finished track costs nothing. `only` restricts this to some of `self.outputs`.
+        Without `out_dir`, return the stems as (channels, samples) float32 arrays. `on_progress(seconds_done,
+        seconds_total)` is called after each block; an exception it raises stops the separation there, and no
+        stem file is left behind."""
         path = Path(path)
-        only = list(self.outputs) if only is None else list(only)
-        for name in only:
+        asked = list(self.outputs) if only is None else list(only)
+        for name in asked:
             _check(name in self.outputs, f"stem {name!r}: the outputs are {', '.join(self.outputs)}")
-        selected = [index for index, name in enumerate(self.outputs) if name in only]
+        written = asked
+        if out_dir is not None:
+            paths = {name: stem_path for name, stem_path in self.output_paths(path, out_dir, folder).items()
+                     if name in asked}
+            written = [name for name in self.missing_stems(path, out_dir, folder) if name in asked]
+            if not written:
+                return paths
+        selected = [index for index, name in enumerate(self.outputs) if name in written]
         started = time.perf_counter()
         with AudioReader(path) as reader:
             writers = None
             if out_dir is not None:
-                paths = self.output_paths(path, out_dir, folder)
-                writers = StemWriters({self.outputs[index]: paths[self.outputs[index]] for index in selected},
-                                      reader.sample_rate, reader.channels, self.file_format, self.bit_depth,
-                                      self.force, threads=self.jobs - 1, bitrate=self.bitrate)
+                writers = StemWriters({name: paths[name] for name in written}, reader.sample_rate, reader.channels,
+                                      self.file_format, self.bit_depth, threads=self.jobs - 1, bitrate=self.bitrate)
             blocks = reader.blocks()
             if self.jobs > 1:
                 blocks = prefetched(blocks)
@@ -174,7 +182,11 @@ class Separator:
                     frames_done += block.shape[-1]
                     if on_progress is not None:
                         on_progress(frames_done / reader.sample_rate, reader.seconds)
-                result = writers.commit() if writers else dict(zip(self.outputs, np.concatenate(collected, -1)))
+                if writers is None:
+                    result = dict(zip(self.outputs, np.concatenate(collected, -1)))
+                else:
+                    writers.commit()
+                    result = paths
             except BaseException:
                 if writers is not None:
                     writers.discard()
@@ -186,6 +198,12 @@ class Separator:
         wall = time.perf_counter() - started
         log.debug("%s: %.1f s of audio in %.1f s, real-time factor %.3f", path, seconds, wall, wall / seconds)
         return result
+
+    def missing_stems(self, path: Union[str, Path], out_dir: Union[str, Path], folder: str = "") -> list[str]:
+        """The outputs that `separate_file(path, out_dir, folder=folder)` writes: those whose file is not there
+        yet, or every one with `force`. Another format's stems are other files: they do not count."""
+        return [name for name, stem_path in self.output_paths(path, out_dir, folder).items()
+                if self.force or not stem_path.exists()]
 
     def output_paths(self, path: Union[str, Path], out_dir: Union[str, Path], folder: str = "",
                      filename: Optional[str] = None) -> dict[str, Path]:
@@ -257,9 +275,7 @@ class StemWriters:
     `threads`, encoding runs in that many background threads (each file's blocks stay in order)."""
 
     def __init__(self, paths: dict[str, Path], sample_rate: int, channels: int, file_format: str,
-                 bit_depth: Optional[str], force: bool, threads: int = 0, bitrate: Optional[int] = None):
-        for path in paths.values():
-            refuse_overwrite(path, force)
+                 bit_depth: Optional[str], threads: int = 0, bitrate: Optional[int] = None):
         self.pools, self.pending, self.writers = [], deque(), {}
         try:
             for name, path in paths.items():
@@ -344,10 +360,10 @@ def check_filename_template(template: str) -> None:
     try:
         example = Path(template.format(**{field: field for field in FILENAME_FIELDS}))
     except (KeyError, IndexError, ValueError) as error:
-        raise BSMamba2Error(f"--filename {template!r}: bad template ({error}); the fields are "
+        raise BSMamba2Error(f"filename {template!r}: bad template ({error}); the fields are "
                             + ", ".join("{%s}" % field for field in FILENAME_FIELDS)) from None
     _check(not example.is_absolute() and ".." not in example.parts and example.name,
-           f"--filename {template!r}: must be a relative path inside the output folder")
+           f"filename {template!r}: must be a relative path inside the output folder")
 
 
 def _check(condition, message: str) -> None:

@@ -214,7 +214,7 @@ class AudioWriter:
         self._file.close()
         os.replace(self.temporary, self.path)
         if self.clipped:
-            log.warning("%s: %d samples clipped to full scale (peak %+.1f dBFS); --bit-depth 32f keeps them",
+            log.warning("%s: %d samples clipped to full scale (peak %+.1f dBFS); bit depth 32f keeps them",
                         self.path, self.clipped, 20 * np.log10(self.peak))
         return self.path
 
@@ -227,24 +227,24 @@ def check_output_format(file_format: str, bit_depth: Optional[str] = None, bitra
     """The output options fit together and the libsndfile here can write the format (checked before any work).
     A bit depth belongs to wav and flac (default DEFAULT_BIT_DEPTH), a bitrate to the lossy formats."""
     if file_format not in OUTPUT_FORMATS:
-        raise BSMamba2Error(f"--format {file_format}: must be one of {', '.join(OUTPUT_FORMATS)}")
+        raise BSMamba2Error(f"format {file_format}: must be one of {', '.join(OUTPUT_FORMATS)}")
     if bit_depth is not None and bit_depth not in BIT_DEPTHS:
-        raise BSMamba2Error(f"--bit-depth {bit_depth}: must be one of {', '.join(BIT_DEPTHS)}")
+        raise BSMamba2Error(f"bit depth {bit_depth}: must be one of {', '.join(BIT_DEPTHS)}")
     if file_format == "flac" and bit_depth == "32f":
-        raise BSMamba2Error("--bit-depth 32f: FLAC stores integers only; use --format wav or --bit-depth 16/24")
+        raise BSMamba2Error("bit depth 32f: FLAC stores integers only; choose format wav, or bit depth 16 or 24")
     lossy = file_format in BITRATES
     if lossy and bit_depth is not None:
-        raise BSMamba2Error(f"--bit-depth {bit_depth}: {file_format} is lossy and has no bit depth; "
-                            "set its size with --bitrate")
+        raise BSMamba2Error(f"bit depth {bit_depth}: {file_format} is lossy and has no bit depth; "
+                            "set its size with a bitrate")
     if not lossy and bitrate is not None:
-        raise BSMamba2Error(f"--bitrate {bitrate}: {file_format} is lossless; --bitrate applies to "
+        raise BSMamba2Error(f"bitrate {bitrate}: {file_format} is lossless; a bitrate applies to "
                             f"{', '.join(BITRATES)}")
     if bitrate is not None and not BITRATES[file_format][0] <= bitrate <= BITRATES[file_format][1]:
-        raise BSMamba2Error(f"--bitrate {bitrate}: {file_format} takes {BITRATES[file_format][0]} to "
+        raise BSMamba2Error(f"bitrate {bitrate}: {file_format} takes {BITRATES[file_format][0]} to "
                             f"{BITRATES[file_format][1]} kbps")
     container, codec = OUTPUT_FORMATS[file_format]
     if container not in sf.available_formats() or (codec and codec not in sf.available_subtypes(container)):
-        raise BSMamba2Error(f"--format {file_format}: the libsndfile here ({sf.__libsndfile_version__}) cannot "
+        raise BSMamba2Error(f"format {file_format}: the libsndfile here ({sf.__libsndfile_version__}) cannot "
                             f"write {container}{f' {codec}' if codec else ''}; libsndfile >= 1.1 can, and the "
                             "soundfile >= 0.12 wheels bundle it: pip install --upgrade soundfile")
 

@@ -90,12 +90,12 @@ def check_quantize(mode: Optional[str], device) -> None:
     if mode is None:
         return
     if mode not in QUANTIZE_MODES:
-        raise BSMamba2Error(f"--quantize {mode}: expected {', '.join(QUANTIZE_MODES)}")
+        raise BSMamba2Error(f"quantize {mode}: expected {', '.join(QUANTIZE_MODES)}")
     device = torch.device(device)
     if device.type != "cpu":
-        raise BSMamba2Error(f"--quantize {mode} runs on the CPU only, not on {device} (add --device cpu)")
+        raise BSMamba2Error(f"quantize {mode}: runs on the CPU only, not on {device} (choose device cpu)")
     if unavailable := int8_unavailable_reason():
-        raise BSMamba2Error(f"--quantize {mode} cannot run here: {unavailable}")
+        raise BSMamba2Error(f"quantize {mode}: {unavailable}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                 if stop.requested:
                     break
                 try:
-                    separate_input(separator, item, outcome, args.out_dir, args.force)
+                    separate_input(separator, item, outcome, args.out_dir)
                 except BSMamba2Error as error:
                     fail(outcome, str(error))
                 except Exception as error:  # a bug or a device failure on one file must not lose the others
@@ -210,15 +210,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: {len(mine) - counts['pending']} of {len(mine)} inputs done; run the same command again "
               "to separate the rest (finished tracks are skipped)", file=sys.stderr)
         return 130
-    return 1 if failures else 0
+    return 1 if counts["failed"] else 0
 
 
-def separate_input(separator: "Separator", item: Input, outcome: Outcome, out_dir: str, force: bool) -> None:
-    """Write the stems of `item` that are missing (all of them with `force`) and record it in `outcome`; a track
+def separate_input(separator: "Separator", item: Input, outcome: Outcome, out_dir: str) -> None:
+    """Write the stems of `item` that are missing (all of them with --force) and record it in `outcome`; a track
     whose stems are all there is skipped."""
     paths = separator.output_paths(item.path, out_dir, item.folder)
     outcome.outputs = {name: str(path) for name, path in paths.items()}
-    missing = [name for name, path in paths.items() if force or not path.exists()]
+    missing = separator.missing_stems(item.path, out_dir, item.folder)
     if not missing:
         outcome.status = "skipped"
         log.info("%s: skipped, its stems are there: %s (--force rewrites them)", item.path, shown(paths))

@@ -192,10 +192,10 @@ def test_lossy_formats_keep_length_rate_channels_and_sound(root):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--format", "mp3", "--bit-depth", "24"], "--bit-depth 24: mp3 is lossy and has no bit depth; set its size "
-                                               "with --bitrate"),
-    (["--format", "flac", "--bitrate", "192"], "--bitrate 192: flac is lossless; --bitrate applies to mp3, ogg, opus"),
-    (["--format", "mp3", "--bitrate", "500"], "--bitrate 500: mp3 takes 32 to 320 kbps"),
+    (["--format", "mp3", "--bit-depth", "24"], "bit depth 24: mp3 is lossy and has no bit depth; set its size "
+                                               "with a bitrate"),
+    (["--format", "flac", "--bitrate", "192"], "bitrate 192: flac is lossless; a bitrate applies to mp3, ogg, opus"),
+    (["--format", "mp3", "--bitrate", "500"], "bitrate 500: mp3 takes 32 to 320 kbps"),
     (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_output_options_that_do_not_fit_stop_before_any_work(root, capsys, options, message):
@@ -212,7 +212,7 @@ def test_a_format_the_local_libsndfile_cannot_write_says_what_is_missing(root, c
                    str(root / "never"), "--format", "mp3"])
     assert status == 2 and not (root / "never").exists()
     assert capsys.readouterr().err == (
-        f"bsmamba2 separate: error: --format mp3: the libsndfile here ({sf.__libsndfile_version__}) cannot write MP3 "
+        f"bsmamba2 separate: error: format mp3: the libsndfile here ({sf.__libsndfile_version__}) cannot write MP3 "
         "MPEG_LAYER_III; libsndfile >= 1.1 can, and the soundfile >= 0.12 wheels bundle it: pip install --upgrade "
         "soundfile\n")
 

@@ -51,9 +51,9 @@ def test_separator_in_int8_separates_like_float32():
 
 
 @pytest.mark.parametrize("mode, device, message", [
-    ("int8", "cuda", r"^--quantize int8 runs on the CPU only, not on cuda \(add --device cpu\)$"),
-    ("int8", "meta", r"^--quantize int8 runs on the CPU only, not on meta"),
-    ("int4", "cpu", r"^--quantize int4: expected int8$"),
+    ("int8", "cuda", r"^quantize int8: runs on the CPU only, not on cuda \(choose device cpu\)$"),
+    ("int8", "meta", r"^quantize int8: runs on the CPU only, not on meta"),
+    ("int4", "cpu", r"^quantize int4: expected int8$"),
 ])
 def test_refused_where_it_cannot_run(mode, device, message):
     with pytest.raises(BSMamba2Error, match=message):
@@ -64,7 +64,7 @@ def test_refused_where_it_cannot_run(mode, device, message):
 
 def test_refused_in_a_torch_without_int8_kernels(monkeypatch):
     monkeypatch.setattr(quantize, "int8_unavailable_reason", lambda: "torch 9.9 has no int8 CPU kernels")
-    with pytest.raises(BSMamba2Error, match=r"^--quantize int8 cannot run here: torch 9\.9 has no int8 CPU kernels$"):
+    with pytest.raises(BSMamba2Error, match=r"^quantize int8: torch 9\.9 has no int8 CPU kernels$"):
         Separator(device="cpu", quantize="int8")
 
 

@@ -140,7 +140,7 @@ def test_unknown_model_or_format_is_refused_before_the_upload(app, tmp_path):
     answer = upload(app, song, model="no-such-model")
     assert answer.status_code == 400 and answer.json()["error"].startswith("unknown model 'no-such-model' (known: ")
     answer = upload(app, song, format="aac")
-    assert answer.status_code == 400 and answer.json()["error"].startswith("--format aac: must be one of wav, flac")
+    assert answer.status_code == 400 and answer.json()["error"].startswith("format aac: must be one of wav, flac")
 
 
 def test_cancel_a_running_and_a_queued_job(checkpoint, tmp_path):
