@@ -168,8 +168,9 @@ class Separator:
             if self.jobs > 1:
                 blocks = prefetched(blocks)
             collected = []
+            # disable=None: a bar on a terminal only; in a log file or a pipe each redraw would leave a line
             bar = tqdm(total=round(reader.seconds, 2), unit="s", desc=path.name, leave=False,
-                       disable=not self.progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                       disable=None if self.progress else True, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                        "{n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
             frames_done = 0
             try:

@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 4 -m bsmamba2 separate music/ --recursive      # the files are shared out across ranks
 
 The model is loaded once; then every file is separated on its own. A run can be repeated: a track whose stems
-are all there is skipped, a track with some missing gets those (--force rewrites everything). A file that cannot
-be separated is reported on one line and the run goes on; the failures are listed again at the end and the exit
-status is then 1. The first Ctrl-C stops after the file in progress (exit 130), a second one at once.
+are all there is skipped, a track with some missing gets those (--force rewrites everything): the rule of
+`Separator.separate_file`. A file that cannot be separated is reported on one line, the run goes on, and the exit
+status is then 1. The first Ctrl-C stops after the file in progress (exit 130), a second one at once. Each line
+printed is news: a count of zero, or a summary of a single input, is left out.
 """
 from __future__ import annotations
 
@@ -199,13 +200,11 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(report, json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
-    log.info("%d separated, %d skipped (stems already there), %d failed", counts["separated"], counts["skipped"],
-             counts["failed"])
-    failures = [outcome.error for outcome in outcomes if outcome.status == "failed"]
-    if failures:
-        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
-        for failure in failures:
-            print(f"  {failure}", file=sys.stderr)
+    # each failure was printed as it happened; for one input, its own line said everything
+    totals = [f"{counts[status]} {status}{detail}" for status, detail in
+              (("separated", ""), ("skipped", " (stems already there)"), ("failed", "")) if counts[status]]
+    if len(outcomes) > 1 and totals:
+        log.info("%s", ", ".join(totals))
     if interrupted:
         print(f"interrupted: {len(mine) - counts['pending']} of {len(mine)} inputs done; run the same command again "
               "to separate the rest (finished tracks are skipped)", file=sys.stderr)
