@@ -228,8 +228,19 @@ def separate_input(separator: "Separator", item: Input, outcome: Outcome, out_di
     outcome.seconds = sf.info(str(item.path)).duration
     outcome.real_time_factor = outcome.wall_seconds / outcome.seconds
     outcome.status, outcome.written = "separated", missing
+    written = {name: paths[name] for name in missing}
     log.info("%s: %.1f s of audio in %.1f s, real-time factor %.3f → %s", item.path, outcome.seconds,
-             outcome.wall_seconds, outcome.real_time_factor, shown({name: paths[name] for name in missing}))
+             outcome.wall_seconds, outcome.real_time_factor, shown(written))
+    others = {path.name: path for stem in written.values() for path in other_formats(stem)}
+    if others:
+        log.info("%s: stems in another format are there too: %s (kept: each format is an output of its own)",
+                 item.path, shown(others))
+
+
+def other_formats(path: Path) -> list[Path]:
+    """The files beside stem `path` named as it is but for another output format's extension."""
+    return [sibling for name in OUTPUT_FORMATS
+            if (sibling := path.with_suffix(f".{name}")) != path and sibling.exists()]
 
 
 class StopAfterFile:

@@ -174,6 +174,10 @@ def test_lossy_formats_keep_length_rate_channels_and_sound(root):
         result = separate("chord48.wav", "chord44.wav", "--checkpoint", "tiny.ckpt", "-o", "lossy", "--format",
                           file_format, cwd=root)
         assert result.returncode == 0, result.stderr
+        if file_format == "mp3":  # another format's stems are another output, written beside the kept wav ones
+            assert ("chord48.wav: stems in another format are there too: lossy/chord48/ (vocals.wav, drums.wav) "
+                    "(kept: each format is an output of its own)") in result.stderr
+            assert "chord44.wav: stems in another format" not in result.stderr
         for stem in STEMS:
             wav, _ = sf.read(root / "lossy" / "chord48" / f"{stem}.wav")
             lossy, rate = sf.read(root / "lossy" / "chord48" / f"{stem}.{file_format}")
