@@ -38,6 +38,7 @@ from .config import SCAN_BACKENDS as BACKENDS
 from .errors import BSMamba2Error
 from .files import atomic_write, refuse_overwrite, write_text_atomic
 from .runtime import DEVICE_NAMES, resolve_device, setup_process
+from .sizes import MB
 
 if TYPE_CHECKING:
     import torch
@@ -312,7 +313,7 @@ def _time(call, job: dict, device: torch.device) -> dict:
         peak = _peak_rss() - base if base is not None else None
     return {"seconds": statistics.median(times), "min_seconds": min(times), "max_seconds": max(times),
             "repeats": len(times), "first_call_seconds": first,
-            "peak_mb": None if peak is None else peak / 2 ** 20}
+            "peak_mb": None if peak is None else peak / MB}
 
 
 def _load_average() -> Optional[tuple]:

@@ -363,9 +363,10 @@ def _transfer(entry: ModelEntry, part: Path, path: Path, progress: bool) -> Opti
         # is written, and a Content-Length beyond it is refused before the body.
         oversize = entry.size is not None and announced is not None and announced > entry.size
         if not oversize:
+            # sizes in MB = 10^6 bytes (tqdm's default, bsmamba2.sizes); a bar on a terminal only, as in separate_file
             with _open_no_link(part, "ab" if offset else "wb") as file, \
-                    tqdm(total=entry.size or announced, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=entry.name, disable=not progress) as bar:
+                    tqdm(total=entry.size or announced, initial=offset, unit="B", unit_scale=True,
+                         desc=entry.name, disable=None if progress else True) as bar:
                 received = offset
                 try:
                     for block in iter(lambda: response.read(CHUNK_BYTES), b""):

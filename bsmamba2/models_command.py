@@ -11,6 +11,7 @@ import dataclasses
 import json
 
 from . import hub
+from .sizes import megabytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +73,7 @@ def _as_dict(entry: hub.ModelEntry) -> dict:
 def _size(entry: hub.ModelEntry) -> str:
     path = hub.local_path(entry)
     size = entry.size if entry.size is not None else (path.stat().st_size if path.is_file() else None)
-    return "?" if size is None else f"{size / 2**20:.1f} MiB"
+    return "?" if size is None else megabytes(size)
 
 
 def _where(entry: hub.ModelEntry) -> str:

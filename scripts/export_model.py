@@ -21,6 +21,7 @@ import bsmamba2
 from bsmamba2.checkpoint import save_model
 from bsmamba2.errors import BSMamba2Error
 from bsmamba2.files import refuse_overwrite
+from bsmamba2.sizes import megabytes
 
 
 def main() -> int:
@@ -40,9 +41,9 @@ def main() -> int:
         first.load_state_dict({name: torch.stack([state[name].float() for state in states]).mean(0).to(tensor.dtype)
                                if tensor.is_floating_point() else tensor for name, tensor in states[0].items()})
     save_model(first, args.output)
-    size = Path(args.output).stat().st_size / 2 ** 20
     averaged = f", the mean of {len(models)} models" if len(models) > 1 else ""
-    print(f"{args.output}: {sum(p.numel() for p in first.parameters()):,} parameters{averaged}, {size:.1f} MiB")
+    print(f"{args.output}: {sum(p.numel() for p in first.parameters()):,} parameters{averaged}, "
+          f"{megabytes(Path(args.output).stat().st_size)}")
     return 0
 
 

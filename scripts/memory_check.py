@@ -20,6 +20,7 @@ import soundfile as sf
 
 from bsmamba2 import build_model, load_config
 from bsmamba2.checkpoint import save_model
+from bsmamba2.sizes import MB
 
 SMALL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "small.yaml"
 RATE = 44100
@@ -36,14 +37,14 @@ def write_noise(path: Path, minutes: float) -> None:
 
 
 def peak_memory(command: list[str]) -> tuple[float, float]:
-    """(peak resident MiB, wall seconds) of one run of `command`."""
+    """(peak resident MB, wall seconds) of one run of `command`."""
     started = time.perf_counter()
     process = subprocess.Popen(command)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         sys.exit(f"{' '.join(command)} failed with exit status {process.returncode}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - started  # ru_maxrss is in KiB on Linux
+    return usage.ru_maxrss * 1024 / MB, time.perf_counter() - started  # ru_maxrss is in KiB on Linux
 
 
 def main() -> int:
@@ -69,7 +70,7 @@ def main() -> int:
             peak, wall = peak_memory(command)
             results.append((minutes, peak, wall))
             print("$ " + " ".join(command), flush=True)
-            print(f"{minutes:g} min input: peak RSS {peak:.0f} MiB, wall {wall:.0f} s "
+            print(f"{minutes:g} min input: peak RSS {peak:.0f} MB, wall {wall:.0f} s "
                   f"(real-time factor {wall / (minutes * 60):.3f})", flush=True)
     (_, short_peak, _), (_, long_peak, _) = results
     difference = abs(long_peak - short_peak) / short_peak

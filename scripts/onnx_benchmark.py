@@ -47,6 +47,7 @@ from bsmamba2.metrics import usdr  # noqa: E402
 from bsmamba2.onnx import OnnxModel, export_onnx  # noqa: E402
 from bsmamba2.pretrained import default_checkpoint, example_song  # noqa: E402
 from bsmamba2.runtime import setup_process  # noqa: E402
+from bsmamba2.sizes import GB, MB  # noqa: E402
 
 PAPER_CONFIG = REPO / "configs" / "bsmamba2_vocals.yaml"
 MODES = ("PyTorch fp32", "PyTorch int8", "onnxruntime fp32", "onnxruntime int8")
@@ -108,7 +109,7 @@ def worker(mode: str, model_file: str, input_file: str, output_file: str, thread
         np.save(output_file, model(wave).numpy())
         started = time.perf_counter()
         model(wave)
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": _peak_rss() / 2 ** 20}))
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": _peak_rss() / MB}))
 
 
 def measure(files: dict, folder: Path, modes: list, threads: int, repeats: int) -> dict:
@@ -168,8 +169,8 @@ def main() -> int:
         modes = [mode for mode in MODES if mode == BASELINE or mode in args.modes.split(",")]
         for mode, figures in measure(files, args.dir, modes, args.threads, args.repeats).items():
             records.append({"model": Path(name).stem, "mode": mode, **figures,
-                            "export_seconds": export.get("seconds"), "onnx_mb": files["onnx"].stat().st_size / 1e6,
-                            "onnx_int8_mb": files["onnx int8"].stat().st_size / 1e6})
+                            "export_seconds": export.get("seconds"), "onnx_mb": files["onnx"].stat().st_size / MB,
+                            "onnx_int8_mb": files["onnx int8"].stat().st_size / MB})
     if args.export_only:
         return 0
     machine = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
@@ -191,7 +192,7 @@ def report(records: list, machine: dict, arguments: str) -> str:
         agreement = "" if r["agreement_db"] is None else f"{r['agreement_db']:.1f} dB"
         lines.append(f"| {r['model']} | {r['mode']} | {r['seconds_min']:.3f} | {r['seconds_median']:.3f} | "
                      f"{r['seconds_per_audio_second']:.3f} | {r['vs_pytorch_fp32']:.2f} | {agreement} | "
-                     f"{r['peak_mb'] / 1024:.2f} GiB |")
+                     f"{r['peak_mb'] * MB / GB:.2f} GB |")
     lines.append("")
     for r in (r for r in records if r["mode"] == BASELINE):
         export = "reused" if r["export_seconds"] is None else f"{r['export_seconds']:.0f} s"

@@ -118,7 +118,8 @@ def test_a_file_that_is_not_audio_is_refused_in_the_clis_words(app, tmp_path):
 
 
 def test_an_oversize_file_is_refused_and_not_kept(app, tmp_path):
-    big = write_audio(tmp_path / "long.wav", noise(2, 300_000, seed=3), 44100)  # 1.2 MB > 1 MB
+    big = write_audio(tmp_path / "long.wav", noise(2, 252_489, seed=3), 44100)
+    assert 10 ** 6 < big.stat().st_size < 2 ** 20  # over 1 MB as it is counted (10^6 bytes), under 1 MiB
     before = set(app.workdir.iterdir())
     answer = upload(app, big)
     assert answer.status_code == 413
@@ -242,6 +243,8 @@ def test_the_page_and_its_options(app):
     assert options["models"][0] == {"id": server.CHECKPOINT, "label": "tiny.ckpt", "stems": ["vocals", "drums"],
                                     "note": "--checkpoint"}
     assert "synth-vocals" in [model["id"] for model in options["models"]]
+    msst = next(model for model in options["models"] if model["id"] == "bsmamba2-vocals-msst")
+    assert msst["note"] in ("downloads 192.6 MB on first use", "downloaded")  # MB = 10^6 bytes, as README says
     assert {"wav", "flac"} <= set(options["formats"]) and options["int8"] is True
 
 

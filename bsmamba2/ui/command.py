@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     web.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0: any free one)")
     web.add_argument("--no-browser", action="store_true", help="only print the address, do not open a browser")
     web.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
-                     help="largest file accepted (default: %(default)s MB)")
+                     help="largest file accepted, in MB = 10^6 bytes (default: %(default)s)")
     web.add_argument("--keep", action="store_true",
                      help="keep the working folder (uploads and results) when the app stops (default: delete it)")
     add_model_flags(parser)

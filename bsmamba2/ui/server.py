@@ -43,6 +43,7 @@ from ..audio import OUTPUT_FORMATS, check_output_format
 from ..errors import BSMamba2Error
 from ..runtime import TorchrunEnv, setup_process
 from ..separate import load_separator
+from ..sizes import MB, megabytes
 from .jobs import Job, JobQueue, Settings
 
 log = logging.getLogger("bsmamba2")
@@ -51,7 +52,6 @@ STATIC = Path(__file__).parent / "static"
 CHECKPOINT = "--checkpoint"  # the model choice of `bsmamba2 ui --checkpoint PATH`; no registry name starts with -
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
                ".oga": "audio/ogg", ".opus": "audio/ogg", ".png": "image/png", ".zip": "application/zip"}
-MEGABYTE = 1 << 20
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 
 
@@ -103,7 +103,7 @@ class Models:
             elif hub.is_cached(entry):
                 note = "downloaded"
             else:
-                note = f"downloads {entry.size / MEGABYTE:.0f} MB on first use" if entry.size else "downloads"
+                note = f"downloads {megabytes(entry.size)} on first use" if entry.size else "downloads"
             choices.append({"id": name, "label": name, "stems": list(entry.stems), "note": note,
                             "description": entry.description})
         return {"models": choices, "default_model": self.default, "int8": device_type == "cpu",
@@ -165,7 +165,7 @@ def create_app(queue: JobQueue, models: Models, page_options: dict, max_upload_m
             check_output_format(settings.file_format)
         except BSMamba2Error as problem:
             return error(str(problem))
-        limit = max_upload_mb * MEGABYTE
+        limit = max_upload_mb * MB
         if int(request.headers.get("content-length") or 0) > limit:
             return error(UploadTooLarge(name, max_upload_mb).args[0], 413)
         job = queue.new_job(name, settings)
