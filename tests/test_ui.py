@@ -20,7 +20,7 @@ from bsmamba2 import Separator  # noqa: E402
 from bsmamba2.audio import AudioReader  # noqa: E402
 from bsmamba2.cli import build_parser  # noqa: E402
 from bsmamba2.errors import BSMamba2Error  # noqa: E402
-from bsmamba2.ui import jobs, server  # noqa: E402
+from bsmamba2.ui import jobs, server, spectrogram  # noqa: E402
 from separation_fixtures import noise, save_tiny_checkpoint, write_audio  # noqa: E402
 from ui_server import TIMEOUT, call, running_app  # noqa: E402
 
@@ -86,6 +86,22 @@ def test_upload_poll_download(app, checkpoint, tmp_path):
         assert (width, height) == (jobs.spectrogram.COLUMNS, jobs.spectrogram.ROWS)
         pictures[name] = picture.content
     assert len(set(pictures.values())) == 3
+    assert job["axes"] == spectrogram.axes(2.0, 22050)  # 2 s at 44.1 kHz
+
+
+def test_spectrogram_axes_in_seconds_and_kilohertz():
+    """Ticks where the pictures put those times (linear) and frequencies (log-spaced rows, 30 Hz at the bottom)."""
+    axes = spectrogram.axes(10.0, 22050)
+    assert [label for _, label in axes["time"]] == ["2 s", "4 s", "6 s", "8 s"]  # none at the right edge
+    assert [position for position, _ in axes["time"]] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [label for _, label in axes["frequency"]] == ["0.1 kHz", "1 kHz", "10 kHz"]
+    rows = np.geomspace(spectrogram.LOWEST_HZ, 22050, spectrogram.ROWS + 1)  # the rows' edges, bottom up
+    for position, label in axes["frequency"]:
+        hz = 1000 * float(label.split()[0])
+        assert rows[round(position * spectrogram.ROWS)] == pytest.approx(hz, rel=0.02)
+    long = spectrogram.axes(215.0, 4000)  # a 3:35 song at 8 kHz: 30 s steps, no 10 kHz above its 4 kHz
+    assert [label for _, label in long["time"]] == [f"{30 * n} s" for n in range(1, 7)]  # 210 s: at the edge
+    assert [label for _, label in long["frequency"]] == ["0.1 kHz", "1 kHz"]
 
 
 def test_two_stems_and_a_format_browsers_cannot_play(app, tmp_path):
@@ -166,7 +182,7 @@ def test_cancel_a_running_and_a_queued_job(checkpoint, tmp_path):
 def test_a_crash_in_a_job_fails_that_job_only(app, tmp_path, monkeypatch):
     song = write_audio(tmp_path / "song.wav", noise(2, 4410, seed=7), 44100)
 
-    def broken(path):
+    def broken(*args):
         raise RuntimeError("the picture broke")
 
     monkeypatch.setattr(jobs.spectrogram, "levels_db", broken)

@@ -71,8 +71,12 @@ def test_separate_the_example_in_the_page(browser, tmp_path):
             "return players.every((p) => p.readyState >= 1) && players.map((p) => p.duration);"))
         assert len(durations) == 3 and all(abs(duration - durations[0]) < 0.01 for duration in durations)
         pictures = browser.execute_script(
-            "return [...document.querySelectorAll('.job img.spectrogram')].map((i) => [i.complete, i.naturalWidth]);")
+            "return [...document.querySelectorAll('.job .spectrogram img')].map((i) => [i.complete, i.naturalWidth]);")
         assert pictures == [[True, 800]] * 3
+        axes = browser.execute_script(  # each picture's ticks: the 10 s example every 2 s, kHz on a log scale
+            "return [...document.querySelectorAll('.job .spectrogram')].map((figure) => ['time', 'frequency'].map("
+            "(kind) => [...figure.querySelectorAll('.' + kind)].map((tick) => tick.textContent)));")
+        assert axes == [[["2 s", "4 s", "6 s", "8 s"], ["0.1 kHz", "1 kHz", "10 kHz"]]] * 3
 
         card.find_element(By.CSS_SELECTOR, "a[data-stem='vocals']").click()
         downloaded = tmp_path / "downloads" / "example_vocals.wav"

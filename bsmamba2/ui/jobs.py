@@ -69,6 +69,7 @@ class Job:
     # what the page may fetch: file key → (path, download name); the only files the server hands out
     files: dict = field(default_factory=dict)
     stems: list = field(default_factory=list)
+    axes: Optional[dict] = None  # the spectrograms' ticks (spectrogram.axes), once they are drawn
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -80,7 +81,7 @@ class Job:
                 "seconds_left": None if self.seconds_left is None else round(self.seconds_left, 1),
                 "wall_seconds": None if self.wall_seconds is None else round(self.wall_seconds, 2),
                 "error": self.error, "settings": vars(self.settings), "stems": self.stems,
-                "files": sorted(self.files)}
+                "files": sorted(self.files), "axes": self.axes}
 
 
 def display_name(name: str) -> str:
@@ -204,9 +205,7 @@ class JobQueue:
             playable = job.folder / (MIXTURE + ".wav")
             write_wav_copy(job.input, playable)
         pictures = {name: job.folder / "pictures" / f"{name}.png" for name in [MIXTURE, *stems]}
-        spectrogram.write_pictures({MIXTURE: spectrogram.levels_db(job.input),
-                                    **{name: spectrogram.levels_db(path) for name, path in stems.items()}},
-                                   pictures)
+        axes = spectrogram.draw({MIXTURE: job.input, **stems}, pictures)
         archive = job.folder / "stems.zip"
         with atomic_write(archive) as file, zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as bundle:
             for name, path in stems.items():  # audio hardly compresses: stored as it is
@@ -215,7 +214,7 @@ class JobQueue:
                      **{name: (path, f"{job.track}_{name}{extension}") for name, path in stems.items()},
                      **{f"{name}.png": (path, f"{job.track}_{name}.png") for name, path in pictures.items()},
                      "stems.zip": (archive, f"{job.track}_stems.zip")}
-        job.stems, job.fraction = list(stems), 1.0
+        job.stems, job.axes, job.fraction = list(stems), axes, 1.0
 
     def _in_users_words(self, job: Job, message: str) -> str:
         """A message with the job's generated paths replaced by the name the user knows."""

@@ -2,7 +2,8 @@
 
 The picture is a grid of `columns` evenly spaced FFT frames; rows are log-spaced in frequency (as a musician
 hears pitch), low notes at the bottom. The PNG is written with numpy and zlib: a picture this simple does not
-need an imaging library.
+need an imaging library. Its axes are drawn by the page, from the tick positions `axes` gives, so that their
+labels are sharp text at any zoom.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ COLUMNS = 800
 ROWS = 200
 LOWEST_HZ = 30.0
 RANGE_DB = 80.0  # shown below the loudest point of all the pictures of one job
+FREQUENCY_TICKS_HZ = (100, 1000, 10000)  # one a decade: enough to read a log axis in a picture 72 px tall
+TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600)  # seconds between time ticks; the first giving at most 8
 # "magma"-like anchors from silence (black) to loudest (pale yellow), interpolated into 256 colours
 ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
                     [250, 193, 39], [252, 255, 164]], np.float64)
@@ -28,8 +31,31 @@ PALETTE = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(ANCH
                     for channel in range(3)], axis=-1).round().astype(np.uint8)
 
 
-def levels_db(path: Union[str, Path]) -> np.ndarray:
-    """(ROWS, COLUMNS) power in dB of the file's mono mix; row 0 is the highest frequency band."""
+def draw(sources: dict[str, Path], paths: dict[str, Path]) -> dict:
+    """Write a picture of each of `sources` at paths[name], all on one colour scale and over the frequencies of
+    the first source (the mixture; a stem written at a higher rate, as Opus does, is shown up to the same
+    frequency); return the ticks of their common `axes`."""
+    with AudioReader(next(iter(sources.values()))) as reader:
+        seconds, top_hz = reader.seconds, reader.sample_rate / 2
+    write_pictures({name: levels_db(path, top_hz) for name, path in sources.items()}, paths)
+    return axes(seconds, top_hz)
+
+
+def axes(seconds: float, top_hz: float) -> dict:
+    """The pictures' ticks as [position, label] pairs: "time" positions are fractions of the width from the left
+    (a tick every round number of seconds, none at the edges, where a label would not fit), "frequency" ones
+    fractions of the height from the bottom (0.1, 1 and 10 kHz on the log scale of the rows)."""
+    step = next((step for step in TIME_STEPS if seconds / step <= 8), TIME_STEPS[-1])
+    times = [[ticks * step / seconds, f"{ticks * step:g} s"] for ticks in range(1, int(seconds / step) + 1)
+             if ticks * step / seconds < 0.97]
+    frequencies = [[float(np.log(hz / LOWEST_HZ) / np.log(top_hz / LOWEST_HZ)), f"{hz / 1000:g} kHz"]
+                   for hz in FREQUENCY_TICKS_HZ if LOWEST_HZ < hz < top_hz]
+    return {"time": times, "frequency": frequencies}
+
+
+def levels_db(path: Union[str, Path], top_hz: float) -> np.ndarray:
+    """(ROWS, COLUMNS) power in dB of the file's mono mix from LOWEST_HZ to `top_hz`; row 0 is the highest
+    frequency band."""
     with AudioReader(path) as reader:
         mono = np.concatenate([block.mean(axis=0) for block in reader.blocks()])
         sample_rate = reader.sample_rate
@@ -39,7 +65,7 @@ def levels_db(path: Union[str, Path]) -> np.ndarray:
     frames = mono[starts[:, None] + np.arange(N_FFT)] * np.hanning(N_FFT).astype(np.float32)
     power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # (COLUMNS, bins)
     # each row takes the loudest bin of its band; a band narrower than a bin repeats that bin
-    edges_hz = np.geomspace(LOWEST_HZ, sample_rate / 2, ROWS + 1)[:-1]
+    edges_hz = np.geomspace(LOWEST_HZ, top_hz, ROWS + 1)[:-1]
     first_bins = np.minimum((edges_hz * N_FFT / sample_rate).astype(np.int64), power.shape[-1] - 1)
     bands = np.maximum.reduceat(power, first_bins, axis=-1)
     return 10 * np.log10(bands.T[::-1] + 1e-12)

@@ -139,8 +139,7 @@ function showResults(card, job) {
     const player = element("audio", {controls: "", preload: "metadata", src: url(name)});
     const links = name === "mixture" ? [] : [element("a", {href: url(name), download: "", "data-stem": name}, "Download")];
     return element("div", {class: "stem", "data-stem": name},
-      element("div", {class: "stem-name"}, name, ...links), player,
-      element("img", {class: "spectrogram", src: url(`${name}.png`), alt: `spectrogram of ${name}`}));
+      element("div", {class: "stem-name"}, name, ...links), player, spectrogram(url(`${name}.png`), name, job.axes));
   });
   const zip = element("a", {class: "button", href: url("stems.zip"), download: "", "data-stem": "zip"},
                       "Download all stems (zip)");
@@ -157,6 +156,16 @@ function showResults(card, job) {
       }
     });
   }
+}
+
+// the picture with light axes: frequency ticks over its left edge, time ticks in a strip below it
+function spectrogram(src, name, axes) {
+  const ticks = (kind, side) => axes[kind].map(([position, label]) =>
+    element("span", {class: kind, style: `${side}: ${(100 * position).toFixed(2)}%`}, label));
+  return element("figure", {class: "spectrogram"},
+    element("div", {class: "plot"},
+      element("img", {src, alt: `spectrogram of ${name}`}), ...ticks("frequency", "bottom")),
+    element("div", {class: "time-axis"}, ...ticks("time", "left")));
 }
 
 async function poll() {
