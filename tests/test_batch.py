@@ -38,6 +38,7 @@ def stem_files(out: Path) -> dict:
     return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.rglob("*.wav"))}
 
 
+@pytest.mark.slow
 def test_a_library_run_again_separates_only_what_is_missing(root):
     library, out = root / "library", root / "library_out"
     library.mkdir()
@@ -87,6 +88,7 @@ def test_a_library_run_again_separates_only_what_is_missing(root):
     assert all(stem_files(out)[f"song0/{stem}.wav"] != rewritten[f"song0/{stem}.wav"] for stem in STEMS)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_file_in_progress_and_the_same_command_finishes(root):
     slow = root / "slow"
     slow.mkdir()
@@ -114,6 +116,7 @@ def test_ctrl_c_stops_after_the_file_in_progress_and_the_same_command_finishes(r
     assert all((root / "slow_out" / f"take{index}" / f"{stem}.wav").exists() for index in range(4) for stem in STEMS)
 
 
+@pytest.mark.slow
 def test_templates_mirror_a_tree_and_collisions_are_caught_before_any_work(root):
     tree = root / "tree"
     for name in ("artist/album/one.flac", "artist/album/two.flac", "other/one.flac"):
@@ -165,6 +168,7 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return 10 * np.log10((reference ** 2).sum() / ((reference - estimate) ** 2).sum())
 
 
+@pytest.mark.slow
 def test_lossy_formats_keep_length_rate_channels_and_sound(root):
     sf.write(root / "chord48.wav", tones(48000, 3).T, 48000, subtype="FLOAT")
     sf.write(root / "chord44.wav", tones(44100, 2)[:1].T, 44100, subtype="FLOAT")
@@ -220,6 +224,7 @@ def test_a_format_the_local_libsndfile_cannot_write_says_what_is_missing(root, c
         "soundfile\n")
 
 
+@pytest.mark.slow
 def test_threads_sets_torchs_threads_and_defaults_to_every_core(root):
     write_audio(root / "short.wav", noise(2, 2000), 44100)
     code = ("import sys, torch\n"

@@ -8,6 +8,7 @@ from bsmamba2 import benchmark
 from bsmamba2.cli import main
 
 
+@pytest.mark.slow
 def test_scan_measurement_times_and_checks_against_reference():
     job = {"section": "mixer", "backend": "torch", "pass": "fwdbwd", "batch": 3, "seqlen": 20, "chunk_size": 8,
            "device": "cpu", "repeats": 2, "budget": 10.0, "keep_freed_memory": False, "threads": None}

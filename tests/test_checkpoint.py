@@ -272,6 +272,7 @@ def test_safetensors_round_trip_keeps_config_and_outputs():
     assert separates_like(load_model("torch.safetensors"), model)
 
 
+@pytest.mark.slow
 def test_safetensors_without_our_metadata_is_a_published_checkpoint(tmp_path):
     config = tiny_config()
     model = trained_weights(config)

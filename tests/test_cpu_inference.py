@@ -27,6 +27,7 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference ** 2) / np.sum((reference - estimate) ** 2)))
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_float32_on_the_bundled_model():
     wave, rate = sf.read(example_song(), dtype="float32", always_2d=True)
     wave = torch.from_numpy(wave.T.copy())[None]
@@ -41,6 +42,7 @@ def test_int8_agrees_with_float32_on_the_bundled_model():
     assert sdr(expected, got) > MIN_SDR_VS_FP32
 
 
+@pytest.mark.slow
 def test_separator_in_int8_separates_like_float32():
     wave, rate = sf.read(example_song(), dtype="float32")
     stems = Separator(device="cpu", quantize="int8").separate(wave, rate)
@@ -76,6 +78,7 @@ def test_cli_refuses_int8_on_another_device_in_one_line(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and "meta" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keeping freed memory is a glibc setting")
 @pytest.mark.parametrize("entry", ["load_model()", "Separator(device='cpu')"])
 @pytest.mark.parametrize("opt_out", [False, True])
@@ -106,6 +109,7 @@ def test_loading_on_the_cpu_keeps_freed_memory_unless_opted_out(entry, opt_out):
         assert result["kept_mb"] > 200
 
 
+@pytest.mark.slow
 def test_layer_speedups_script_compares_each_fast_path_with_its_plain_formulation():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "layer_speedups.py"), "--config",
                            str(REPO / "configs" / "synth_vocals.yaml"), "--seconds", "1", "--repeats", "1",

@@ -1,4 +1,6 @@
-"""README and docs/: every relative link reaches a file, and every #anchor a heading in it (GitHub's rules)."""
+"""README and docs/: every relative link reaches a file, and every #anchor a heading in it (GitHub's rules); the
+quick test run README offers still tests every front end."""
+import ast
 import re
 from pathlib import Path
 
@@ -34,3 +36,25 @@ def test_relative_links_resolve(page):
 
 def test_readme_stays_a_front_door():
     assert len((REPO / "README.md").read_text().splitlines()) <= 150
+
+
+# README's quick run, `-m "not slow"`, must keep a test of each front end
+FRONT_ENDS = {"CLI": "tests/test_separate.py", "API": "tests/test_api.py", "ONNX": "tests/test_onnx.py",
+              "web page": "tests/test_ui.py", "training": "tests/training/test_loop.py",
+              "evaluate": "tests/test_evaluate.py"}
+
+
+def quick_tests(path: Path) -> list:
+    """The test functions of a file not marked `slow`."""
+    def slow(function) -> bool:
+        return any(ast.unparse(decorator) == "pytest.mark.slow" for decorator in function.decorator_list)
+
+    tree = ast.parse(path.read_text())
+    return [node.name for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and not slow(node)]
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_the_quick_run_tests_every_front_end(front_end):
+    assert '-m "not slow"' in (REPO / "README.md").read_text()
+    assert quick_tests(REPO / FRONT_ENDS[front_end]), f"every test of the {front_end} is marked slow"

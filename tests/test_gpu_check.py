@@ -37,6 +37,7 @@ def dry_run(tmp_path, *options):
     return done, results[0].name, json.loads(results[0].read_text())
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_on_the_cpu_and_reports_them(tmp_path):
     done, name, results = dry_run(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -175,6 +176,7 @@ setup(name="NAME", version="1.0+" + os.environ[prefix + "_LOCAL_VERSION"], py_mo
 '''
 
 
+@pytest.mark.slow
 def test_build_stage_builds_installs_and_reuses_wheels(tmp_path):
     """The build's plumbing, with stand-in sdists whose setup.py checks what it is given (the real ones need nvcc
     and a CUDA torch): built in parallel, the long pole at full priority and the other niced, tagged with the GPU

@@ -52,6 +52,7 @@ def noisy_sources(snr_db, seconds=3, sources=2, seed=0):
     return references, references + noise * gain[:, None, None]
 
 
+@pytest.mark.slow
 def test_csdr_equals_museval_and_the_snr_of_white_noise():
     museval = pytest.importorskip("museval")
     snr_db = [5.0, 15.0]
@@ -78,6 +79,7 @@ def test_csdr_leaves_out_silent_sources():
     assert np.isnan(csdr(np.zeros((1, 2, RATE)), np.ones((1, 2, RATE)), RATE)).all()
 
 
+@pytest.mark.slow
 def test_csdr_ignores_silent_frames_and_is_undefined_without_any_frame():
     museval = pytest.importorskip("museval")
     references, estimates = noisy_sources(10.0)
@@ -96,6 +98,7 @@ def test_csdr_without_museval_is_a_clear_error(monkeypatch):
         csdr(np.ones((1, 2, RATE)), np.ones((1, 2, RATE)), RATE)
 
 
+@pytest.mark.slow
 def test_score_track_pairs_a_single_stem_with_its_complement():
     pytest.importorskip("museval")
     references, estimates = noisy_sources(8.0)
@@ -107,6 +110,7 @@ def test_score_track_pairs_a_single_stem_with_its_complement():
     assert scores["vocals"]["csdr"] == csdr(*complement, RATE)[0]
 
 
+@pytest.mark.slow
 def test_score_track_evaluates_several_stems_together():
     pytest.importorskip("museval")
     references, estimates = noisy_sources(12.0)
@@ -129,6 +133,7 @@ def test_museval_without_ffmpeg_is_reported_not_raised(tmp_path):
     assert result.stdout.startswith("museval cannot be imported: ffmpeg or ffprobe could not be found")
 
 
+@pytest.mark.slow
 def test_a_single_stem_scores_as_musdb_scores_vocals_with_accompaniment(tmp_path):
     museval = pytest.importorskip("museval")
     musdb = pytest.importorskip("musdb")

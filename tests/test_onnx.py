@@ -62,6 +62,7 @@ def test_the_file_carries_what_a_program_needs_to_use_it(tiny):
     assert shapes[0][1:] == [2, 129, 173, 2] and shapes[1][1:] == [2, 2, 129, 173, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [2, 1])
 def test_onnxruntime_separates_a_real_song_as_pytorch_does(bundled, channels):
     song, rate = sf.read(example_song(), dtype="float32")
@@ -162,6 +163,7 @@ def test_without_onnxruntime_one_line_says_how_to_install_it(tiny, tmp_path, mon
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_the_example_separates_without_this_package_or_torch(bundled, tmp_path):
     """examples/onnx_separate.py with bsmamba2 and torch made unimportable, against `Separator`'s stems."""
     run = ("import runpy, sys\n"
@@ -177,6 +179,7 @@ def test_the_example_separates_without_this_package_or_torch(bundled, tmp_path):
     assert usdr(expected, got) >= 50
 
 
+@pytest.mark.slow
 def test_the_benchmark_times_each_runtime_and_compares_its_stems(tiny, tmp_path):
     """scripts/onnx_benchmark.py on the tiny model, with its export already in --dir (the script reuses it)."""
     checkpoint, path = tiny

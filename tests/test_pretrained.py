@@ -29,6 +29,7 @@ def test_bundled_model_is_the_default_and_small():
     assert model.stems == ["vocals"] and not model.training
 
 
+@pytest.mark.slow
 def test_separate_without_arguments_separates_the_example(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bsmamba2", "separate", "--quiet"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -41,6 +42,7 @@ def test_separate_without_arguments_separates_the_example(tmp_path):
     assert 0.01 < np.sqrt(np.mean(vocals ** 2)) < np.sqrt(np.mean(mixture ** 2))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SYNTH_DEV.is_dir(), reason=f"{SYNTH_DEV} (rendered songs the model never heard) not present")
 def test_bundled_model_separates_vocals_of_unseen_songs(tmp_path):
     assert main(["evaluate", "--data", str(SYNTH_DEV), "--subset", "test", "-o", str(tmp_path), "--no-csdr",

@@ -172,6 +172,7 @@ def test_inputs_whose_stems_would_collide_and_no_input_means_the_example(workspa
     assert sf.info(out / "example" / "vocals.wav").frames == sf.info(example_song()).frames
 
 
+@pytest.mark.slow
 def test_torchrun_shares_the_files_out_across_ranks(workspace):
     names = ["stereo44.wav", "mono22.flac", "stereo48.ogg"]
     result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "bsmamba2", "separate",
@@ -185,6 +186,7 @@ def test_torchrun_shares_the_files_out_across_ranks(workspace):
         assert (workspace / "out_ranks" / Path(name).stem / "drums.wav").exists()
 
 
+@pytest.mark.slow
 def test_bad_model_and_output_folder(workspace):
     config = tiny_config().to_dict()
     config["model"]["dim"] = 24

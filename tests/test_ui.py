@@ -294,6 +294,7 @@ def test_without_the_extra_the_command_says_what_to_install():
     assert done.stderr == 'bsmamba2 ui: error: the web app needs starlette: pip install "bsmamba2[ui]"\n'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_the_command_warns_off_loopback_and_ctrl_c_or_sigterm_stops_it_cleanly(checkpoint, stop):
     """SIGTERM is a service manager's stop: it ends the app as Ctrl-C does, working folder included."""

@@ -48,6 +48,7 @@ def browser(tmp_path):
     driver.quit()
 
 
+@pytest.mark.slow
 def test_separate_the_example_in_the_page(browser, tmp_path):
     example = example_song()
     cli = subprocess.run([sys.executable, "-m", "bsmamba2", "separate", str(example), "-o", str(tmp_path / "cli"),

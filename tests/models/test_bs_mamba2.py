@@ -205,6 +205,7 @@ def official_state_dict():
     return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["msst_raw", "lightning", "module_prefix_under_model"])
 def test_published_checkpoint_layouts_load_and_separate(tmp_path, layout):
     weights = official_state_dict()
@@ -224,6 +225,7 @@ def test_published_checkpoint_layouts_load_and_separate(tmp_path, layout):
     assert out.shape == (1, 1, 2, 4410) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint_prefers_ema_weights(tmp_path):
     weights = official_state_dict()
     ema = {k: v + 1 for k, v in weights.items()}
@@ -243,6 +245,7 @@ def test_our_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded(wave), model.eval()(wave))
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_lists_offenders(tmp_path):
     weights = official_state_dict()
     del weights["final_norm.gamma"]  # no anchor: nothing recognisable

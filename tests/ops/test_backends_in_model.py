@@ -110,6 +110,7 @@ def training_step(model, wave, target, loss_function, backend: str, device: str)
     return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_bf16_training_step_agrees_with_the_torch_backend(backend, device, backend_on, record_property):

@@ -141,6 +141,7 @@ def test_torch_backend_long_fast_decaying_sequence_is_finite_and_exact(fresh_bac
     assert_backend_matches_reference("torch", inputs, chunk_size=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backend_bfloat16_within_tolerance(backend, device, backend_on):
@@ -162,6 +163,7 @@ def test_backend_bfloat16_within_tolerance(backend, device, backend_on):
         assert_close(grads[name], grads_ref[name], rtol, f"bf16 d{name}")
 
 
+@pytest.mark.slow
 def test_torch_compile_backend_matches_eager(monkeypatch, fresh_backend_log):
     """The torch+compile path traced by torch.compile. Inductor's C++ build costs about a minute per shape on this
     machine, so the test compiles with "aot_eager" — the same Dynamo + AOTAutograd tracing of our function, forward

@@ -88,6 +88,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> No
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exact_resume_after_copy_sigterm_and_sigkill(data_root, tmp_path):
     reference = tmp_path / "reference"
     assert train(write_config(tmp_path / "six.yaml", tiny_config_dict(data_root, training={"max_steps": 6})),
@@ -245,6 +246,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, capsys):
     assert_same_weights(weights(tmp_path / "run" / "last.ckpt"), initial)  # skipped steps change nothing
 
 
+@pytest.mark.slow
 def test_two_process_ddp_and_accumulation_match_one_bigger_batch(data_root, tmp_path):
     """Batch 2 in one process, 2 × batch 1 (accumulated) and 2 processes × batch 1 see the same examples."""
     values = tiny_config_dict(data_root, training={"max_steps": 2, "validate_every": 2})

@@ -27,6 +27,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, tmp_path):
     run_dir = tmp_path / "run"
     assert Trainer(tiny_config(data_root, training={"max_steps": 2}), run_dir, quiet=True).run() == 0
@@ -47,6 +48,7 @@ def test_export_keeps_the_ema_weights_only_and_refuses_to_overwrite(data_root, t
     assert run_script("export_model.py", run_dir / "last.ckpt", exported, "--force").returncode == 0
 
 
+@pytest.mark.slow
 def test_export_of_several_models_is_the_mean_of_their_weights(data_root, tmp_path):
     paths = []
     for seed, dim in ((0, 16), (1, 16), (2, 24)):
@@ -83,6 +85,7 @@ def test_oracle_baselines_bracket_the_task(data_root):
     assert float(mean_line[5]) == pytest.approx(np.mean([row[1] for row in rows.values()]), abs=0.01)
 
 
+@pytest.mark.slow
 def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, tmp_path):
     torch.manual_seed(0)
     source = build_model(tiny_config(data_root))
@@ -107,6 +110,7 @@ def test_grown_model_separates_as_its_source_and_has_one_more_layer(data_root, t
         assert torch.equal(grown_weights[name], tensor), name
 
 
+@pytest.mark.slow
 def test_grown_stems_keep_the_sources_separation(data_root, tmp_path):
     torch.manual_seed(0)
     source = build_model(tiny_config(data_root))  # vocals only
@@ -124,6 +128,7 @@ def test_grown_stems_keep_the_sources_separation(data_root, tmp_path):
     assert not (tmp_path / "other.ckpt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["export_model.py", "grow_model.py"])
 def test_unreadable_checkpoint_is_one_line_error_and_writes_nothing(script, tmp_path):
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
@@ -135,6 +140,7 @@ def test_unreadable_checkpoint_is_one_line_error_and_writes_nothing(script, tmp_
         assert not (tmp_path / "out.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_profile_train_step_times_each_phase_of_the_trainers_step(data_root, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(data_root)))
