@@ -90,6 +90,7 @@ def test_mix_at_level_sets_the_vocal_level_exactly():
         np.testing.assert_allclose(vocals + accompaniment, mixture, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_flite
 def test_generalisation_reports_the_improvement_per_level(tmp_path):
     out = tmp_path / "results.json"
