@@ -245,13 +245,55 @@ def _group_outer(u: torch.Tensor, state: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None):
-    """Depthwise causal conv as one grouped 2-D conv (1 × width kernels) in channels-last layout over the input
-    padded with width − 1 zeros in front; returns a (batch, dim, seqlen) view of a channel-last tensor."""
-    width = weight.shape[1]
-    rows = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))                   # (batch, width − 1 + seqlen, dim)
-    image = rows.transpose(1, 2).unsqueeze(2)                               # (batch, dim, 1, ·), channels-last
-    y = F.conv2d(image, weight.to(x.dtype)[:, None, None, :], None if bias is None else bias.to(x.dtype),
-                 groups=x.shape[1])[:, :, 0]
-    if activation in ("silu", "swish"):
-        return F.silu(y, inplace=not y.requires_grad)   # in place where autograd does not need the conv's output
-    return y
+    """Depthwise causal conv (then silu if asked) as one grouped 2-D conv (1 × width kernels) in channels-last
+    layout over the input padded with width − 1 zeros in front; returns a (batch, dim, seqlen) view of a
+    channel-last tensor. Under autograd, `CausalConv` with its own backward."""
+    silu = activation in ("silu", "swish")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return CausalConv.apply(x, weight, bias, silu)
+    y = _depthwise(_pad_seq(x, weight.shape[1] - 1, 0), weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return F.silu(y, inplace=True) if silu else y
+
+
+class CausalConv(torch.autograd.Function):
+    """causal_conv1d_torch under autograd. torch's own backward of the depthwise conv (oneDNN's) takes several
+    times the forward's time on a CPU, most of it for the weight gradient; here the input gradient is the same
+    conv run backwards in time (the flipped kernel over the gradient padded at the end), the weight gradient one
+    product of the gradient and the shifted input per tap, summed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        width = weight.shape[1]
+        pre = _depthwise(_pad_seq(x, width - 1, 0), weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, weight, pre if silu else None)
+        ctx.has_bias = bias is not None
+        return F.silu(pre) if silu else pre
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, pre = ctx.saved_tensors
+        width, seqlen = weight.shape[1], x.shape[2]
+        if pre is not None:
+            dy = torch.ops.aten.silu_backward(dy, pre)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = _depthwise(_pad_seq(dy, 0, width - 1), weight.flip(1).to(dy.dtype), None)
+        if ctx.needs_input_grad[1]:
+            padded = _pad_seq(x, width - 1, 0)
+            dweight = torch.stack([(dy * padded[..., k:k + seqlen]).sum((0, 2)) for k in range(width)], 1)
+            dweight = dweight.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum((0, 2)).to(weight.dtype)
+        return dx, dweight, dbias, None
+
+
+def _pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(batch, dim, L) with zeros before and after along L, as a view of a channel-last tensor."""
+    return F.pad(x.transpose(1, 2), (0, 0, before, after)).transpose(1, 2)
+
+
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Valid (unpadded) depthwise conv of (batch, dim, L) with weight (dim, width): (batch, dim, L − width + 1),
+    a view of a channel-last tensor (oneDNN's depthwise kernel wants channels-last)."""
+    image = x.unsqueeze(2)                                                      # (batch, dim, 1, ·), channels-last
+    return F.conv2d(image, weight[:, None, None, :], bias, groups=x.shape[1])[:, :, 0]

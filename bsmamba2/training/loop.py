@@ -120,7 +120,9 @@ class Trainer:
         self.ema = EMA(self.model, training.ema_decay) if training.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=training.lr, betas=tuple(training.betas),
                                            weight_decay=training.weight_decay,
-                                           fused=True if self.device.type == "cuda" else None)
+                                           # one fused kernel for all parameters: on the CPU a third of the
+                                           # per-parameter loop's time for these models' hundreds of tensors
+                                           fused=True if self.device.type in ("cuda", "cpu") else None)
         self.schedule = LearningRateSchedule(self.optimizer, training)
         self.autocast_dtype = autocast_dtype(training.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None

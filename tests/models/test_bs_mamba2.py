@@ -85,6 +85,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("band_widths", [[4, 4, 9], [2, 3, 3, 3, 2, 4]], ids=["runs", "interleaved"])
+def test_batched_band_layers_equal_the_per_band_modules(band_widths):
+    """Band split and mask estimators run runs of equal-sized bands as batched matmuls over stacked parameters:
+    the same outputs and gradients as their modules one band at a time (fp32, to rounding)."""
+    model = randomized(build_model(tiny_config(band_widths=band_widths)))
+    generator = torch.Generator().manual_seed(2)
+    inputs = {model.band_split: torch.randn(2, 7, sum(model.band_split.band_sizes), generator=generator),
+              model.mask_estimators: torch.randn(2, 7, len(band_widths), 16, generator=generator)}
+    for module, x in inputs.items():
+        results = []
+        for forward in (module.forward, module.forward_per_band):
+            x = x.detach().requires_grad_()
+            out = forward(x)
+            projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+            results.append([out, *torch.autograd.grad((out * projection).sum(), [x, *module.parameters()])])
+        for batched, per_band in zip(*results):
+            torch.testing.assert_close(batched, per_band, rtol=1e-5, atol=1e-6)
+
+
 # ---- an independent, step-by-step formulation of the network, read from the state dict by name ----
 
 def rms_gamma(x, gamma):
