@@ -45,7 +45,7 @@ class Separator:
     """A loaded model plus how to apply it and how to write its stems.
 
     checkpoint: our checkpoint or a published BSMamba2 one, or a `bsmamba2 export` .onnx file (run by onnxruntime);
-    None = the bundled pretrained model.
+    None = the default model (`hub.DEFAULT_MODEL`).
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
     model: instead of a checkpoint, a model from the registry by name (downloaded on first use).
     config: a Config or YAML path that overrides the checkpoint's own config.

@@ -380,17 +380,20 @@ def atomic_save(obj, path: Union[str, Path]) -> None:
         torch.save(obj, file)
 
 
-def save_model(model: BSMamba2, path: Union[str, Path]) -> None:
+def save_model(model: BSMamba2, path: Union[str, Path], half: bool = False) -> None:
     """A checkpoint that `load_model` reads: the model's config and weights, as safetensors (the config as JSON in
-    the metadata) when `path` ends in .safetensors, else as a torch.save dict."""
+    the metadata) when `path` ends in .safetensors, else as a torch.save dict. half=True stores floating-point
+    weights as float16 (half the file; `load_model` computes in the model's own float32)."""
     config = model.config.to_dict()
+    weights = {name: tensor.detach().cpu().half() if half and tensor.is_floating_point() else tensor
+               for name, tensor in model.state_dict().items()}
     if Path(path).suffix.lower() != ".safetensors":
-        atomic_save({"config": config, "model": model.state_dict()}, path)
+        atomic_save({"config": config, "model": weights}, path)
         return
     # safetensors refuses tensors that share storage or are not contiguous: a contiguous copy of each keeps
     # every name that load_state_dict expects, whatever views or tied weights a model has.
     weights = {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for name, tensor in model.state_dict().items()}
+               for name, tensor in weights.items()}
     metadata = {"format": "pt", CONFIG_METADATA: json.dumps(config), VERSION_METADATA: __version__}
     with atomic_write(path) as file:
         file.write(safetensors.torch.save(weights, metadata))

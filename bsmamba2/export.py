@@ -21,7 +21,7 @@ log = logging.getLogger("bsmamba2")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
-                        help="a BSMamba2 checkpoint, ours or a published one (default: the bundled model)")
+                        help="a BSMamba2 checkpoint, ours or a published one (default: the default model)")
     parser.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
     parser.add_argument("--model", metavar="NAME", help="instead of CHECKPOINT, a model from the registry "
                         "(`bsmamba2 models` lists them); downloaded on first use")

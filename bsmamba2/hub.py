@@ -51,7 +51,9 @@ REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
 REGISTRY_VERSION = 1
 MODELS_ENV = "BSMAMBA2_MODELS"
 CACHE_ENV = "BSMAMBA2_CACHE"
-DEFAULT_MODEL = "synth-vocals"  # the bundled model: what runs when no model or checkpoint is named
+# What runs when no model or checkpoint is named: a bundled model, four stems as demucs gives them (karaoke users
+# add --two-stems vocals); the choice is explained in bsmamba2/pretrained/synth_4stem.md.
+DEFAULT_MODEL = "synth-4stem"
 
 URL_SCHEMES = ("http", "https", "file")
 TIMEOUT_SECONDS = 30.0  # for connecting and for each read: a stalled server fails instead of hanging

@@ -93,7 +93,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--model", metavar="NAME",
                        help="a model from the registry (`bsmamba2 models` lists them); downloaded on first use")
     which.add_argument("--checkpoint", help="a BSMamba2 checkpoint, ours or a published one, or an .onnx file from "
-                       "`bsmamba2 export` (default: the bundled pretrained model)")
+                       "`bsmamba2 export` (default: the default model; `bsmamba2 models` says which)")
     model.add_argument("--config", help="YAML config overriding the one stored in the checkpoint")
     model.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto = CUDA, else MPS, else "
                        "CPU); under torchrun each rank takes cuda:LOCAL_RANK")

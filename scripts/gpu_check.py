@@ -556,7 +556,7 @@ def compare_stems(song: Path, stems: Path, reference: Optional[Path]) -> dict:
 
 
 def run_separate(run: Run) -> None:
-    """`bsmamba2 separate` (the bundled model) on a generated song: on the CPU, then on CUDA against it."""
+    """`bsmamba2 separate` (the default model) on a generated song: on the CPU, then on CUDA against it."""
     start = time.monotonic()
     folder = run.work / "separate"
     shutil.rmtree(folder, ignore_errors=True)

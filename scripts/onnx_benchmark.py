@@ -5,7 +5,7 @@ one's stems are from PyTorch fp32's (their SDR against PyTorch fp32's, dB), and 
     python scripts/onnx_benchmark.py --dir DIR [--models bundled,paper] [--threads 2] [--repeats 5] [--json F]
     python scripts/onnx_benchmark.py --dir DIR --export-only        # the exports alone (the paper's takes minutes)
 
-Models: `bundled` (the bundled model), `paper` (configs/bsmamba2_vocals.yaml with random weights, seed 0), or a
+Models: `bundled` (the bundled vocals model, synth-vocals), `paper` (configs/bsmamba2_vocals.yaml with random weights, seed 0), or a
 checkpoint file. DIR keeps what each model needs: its checkpoint (paper), its export, an int8 copy of the export
 (onnxruntime's dynamic quantization of the MatMul weights) and the input, one chunk (the config's inference
 length) of the bundled example song, batch 1; a later run reuses them. PyTorch int8 is load_model(...,
@@ -43,9 +43,10 @@ from bsmamba2.apply import chunk_length  # noqa: E402
 from bsmamba2.benchmark import _peak_rss  # noqa: E402
 from bsmamba2.checkpoint import build_model, load_model, save_model  # noqa: E402
 from bsmamba2.config import load_config  # noqa: E402
+from bsmamba2.hub import checkpoint_file  # noqa: E402
 from bsmamba2.metrics import usdr  # noqa: E402
 from bsmamba2.onnx import OnnxModel, export_onnx  # noqa: E402
-from bsmamba2.pretrained import default_checkpoint, example_song  # noqa: E402
+from bsmamba2.pretrained import example_song  # noqa: E402
 from bsmamba2.runtime import setup_process  # noqa: E402
 from bsmamba2.sizes import GB, MB  # noqa: E402
 
@@ -56,7 +57,7 @@ BASELINE = MODES[0]
 
 def prepare(name: str, folder: Path) -> dict:
     """The model's files in `folder`, made when missing: checkpoint, export, int8 export, input chunk."""
-    files = {"checkpoint": default_checkpoint() if name == "bundled" else Path(name),
+    files = {"checkpoint": checkpoint_file("synth-vocals", progress=False)[0] if name == "bundled" else Path(name),
              "onnx": folder / f"{Path(name).stem}.onnx", "onnx int8": folder / f"{Path(name).stem}.int8.onnx",
              "input": folder / f"{Path(name).stem}.input.npy", "export": folder / f"{Path(name).stem}.export.json"}
     if name == "paper":

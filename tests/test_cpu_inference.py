@@ -20,6 +20,9 @@ from bsmamba2.quantize import Int8Linear, check_quantize
 # The tolerance: int8 output against float32, as SDR (dB), on the bundled model and the example song; a few dB
 # below what docs/performance.md reports for the 7-bit activations of x86 CPUs without VNNI (8-bit ones do better).
 MIN_SDR_VS_FP32 = 25.0
+# Per stem, through Separator, on the default four-stem model: measured on this VNNI CPU vocals 26.7, drums 29.2,
+# bass 24.3, other 31.9 dB (the quiet bass stem agrees least).
+MIN_STEM_SDR_VS_FP32 = 20.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,9 +50,10 @@ def test_separator_in_int8_separates_like_float32():
     wave, rate = sf.read(example_song(), dtype="float32")
     stems = Separator(device="cpu", quantize="int8").separate(wave, rate)
     reference = Separator(device="cpu").separate(wave, rate)
-    assert stems.keys() == reference.keys() == {"vocals", "no_vocals"}
-    assert stems["vocals"].shape == wave.shape
-    assert sdr(reference["vocals"], stems["vocals"]) > MIN_SDR_VS_FP32
+    assert stems.keys() == reference.keys() == {"vocals", "drums", "bass", "other"}  # the default model's
+    for stem in stems:
+        assert stems[stem].shape == wave.shape
+        assert sdr(reference[stem], stems[stem]) > MIN_STEM_SDR_VS_FP32, stem
 
 
 @pytest.mark.parametrize("mode, device, message", [

@@ -58,7 +58,7 @@ def test_dry_run_runs_every_stage_on_the_cpu_and_reports_them(tmp_path):
     assert all("cpu" in name for name in cases)                               # no CUDA instance is run
 
     separate = stages["separate"]
-    assert separate["stems"] == ["no_vocals", "vocals"] and separate["devices"]["cpu"]["exit"] == 0
+    assert separate["stems"] == ["bass", "drums", "other", "vocals"] and separate["devices"]["cpu"]["exit"] == 0
     assert separate["devices"]["cpu"]["scan_backend"].startswith("torch ")
     assert all(facts == {"as_input": True} for facts in separate["devices"]["cpu"]["stems"].values())
 

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    """The bundled model from the registry, exported for 1 s chunks (its 8 s chunk exports too, but slowly)."""
+    """The bundled vocals model from the registry, exported for 1 s chunks (its 8 s chunk exports too, but slowly)."""
     path = tmp_path_factory.mktemp("bundled") / "synth_vocals.onnx"
     assert main(["export", "--model", "synth-vocals", str(path), "--chunk", "1"]) == 0
     return path
@@ -67,7 +67,7 @@ def test_the_file_carries_what_a_program_needs_to_use_it(tiny):
 def test_onnxruntime_separates_a_real_song_as_pytorch_does(bundled, channels):
     song, rate = sf.read(example_song(), dtype="float32")
     song = song if channels == 2 else song.mean(1)
-    pytorch = Separator(device="cpu", chunk_seconds=1.0)
+    pytorch = Separator(model="synth-vocals", device="cpu", chunk_seconds=1.0)
     onnxruntime = Separator(bundled, device="cpu")
     for samples in (1, 30_001, len(song)):
         expected, got = pytorch.separate(song[:samples], rate), onnxruntime.separate(song[:samples], rate)

@@ -18,6 +18,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from bsmamba2 import hub  # noqa: E402
 from bsmamba2.pretrained import example_song  # noqa: E402
 from ui_server import TIMEOUT, running_app  # noqa: E402
 
@@ -58,26 +59,27 @@ def test_separate_the_example_in_the_page(browser, tmp_path):
     with running_app() as app:
         browser.get(app.url)
         wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#model option"))
-        assert browser.find_element(By.ID, "model").get_attribute("value") == "synth-vocals"
+        assert browser.find_element(By.ID, "model").get_attribute("value") == hub.DEFAULT_MODEL
         browser.find_element(By.ID, "files").send_keys(str(example))
         card = wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, ".job[data-status='done']"))
         assert card.find_element(By.TAG_NAME, "h2").text == "example.flac"
         assert card.find_element(By.CLASS_NAME, "status").text.startswith("Done in ")
 
         rows = card.find_elements(By.CLASS_NAME, "stem")
-        assert [row.get_attribute("data-stem") for row in rows] == ["mixture", "vocals", "no_vocals"]
+        stems = ["mixture", "vocals", "drums", "bass", "other"]  # the default model's, in its order
+        assert [row.get_attribute("data-stem") for row in rows] == stems
         # every player has loaded its audio's length, every spectrogram has been drawn
         durations = wait.until(lambda driver: driver.execute_script(
             "const players = [...document.querySelectorAll('.job audio')];"
             "return players.every((p) => p.readyState >= 1) && players.map((p) => p.duration);"))
-        assert len(durations) == 3 and all(abs(duration - durations[0]) < 0.01 for duration in durations)
+        assert len(durations) == len(stems) and all(abs(duration - durations[0]) < 0.01 for duration in durations)
         pictures = browser.execute_script(
             "return [...document.querySelectorAll('.job .spectrogram img')].map((i) => [i.complete, i.naturalWidth]);")
-        assert pictures == [[True, 800]] * 3
+        assert pictures == [[True, 800]] * len(stems)
         axes = browser.execute_script(  # each picture's ticks: the 10 s example every 2 s, kHz on a log scale
             "return [...document.querySelectorAll('.job .spectrogram')].map((figure) => ['time', 'frequency'].map("
             "(kind) => [...figure.querySelectorAll('.' + kind)].map((tick) => tick.textContent)));")
-        assert axes == [[["2 s", "4 s", "6 s", "8 s"], ["0.1 kHz", "1 kHz", "10 kHz"]]] * 3
+        assert axes == [[["2 s", "4 s", "6 s", "8 s"], ["0.1 kHz", "1 kHz", "10 kHz"]]] * len(stems)
 
         card.find_element(By.CSS_SELECTOR, "a[data-stem='vocals']").click()
         downloaded = tmp_path / "downloads" / "example_vocals.wav"

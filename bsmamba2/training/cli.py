@@ -3,7 +3,7 @@
     python train.py --config configs/small.yaml --out runs/small            # start, or continue runs/small
     python train.py --out runs/small --resume --set training.max_steps=4000 # continue with a new step budget
     python train.py --config configs/synth_vocals.yaml --init bsmamba2/pretrained/synth_vocals.ckpt \
-        --set data.root=/data/my-songs --out runs/finetune                   # fine-tune the bundled model
+        --set data.root=/data/my-songs --out runs/finetune                   # fine-tune the bundled vocals model
     torchrun --nproc_per_node 2 train.py --config configs/bsmamba2_vocals.yaml --set data.root=/data/musdb18hq
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last.ckpt (an error if there is none)")
     parser.add_argument("--init", metavar="CHECKPOINT",
-                        help="start a new run from these weights (fine-tuning): ours, the bundled model's or a "
+                        help="start a new run from these weights (fine-tuning): ours, a bundled model's or a "
                              "published one; the config's audio and model sections must fit them")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
 

@@ -117,8 +117,10 @@ class Trainer:
         self.model = build_model(config).to(self.device)
         if init_from is not None and checkpoint is None:  # a resumed run has its own weights
             self.model.load_state_dict(find_state_dict(read_checkpoint(init_from), self.model, init_from))
+        freeze(self.model, training.freeze)
         self.ema = EMA(self.model, training.ema_decay) if training.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=training.lr, betas=tuple(training.betas),
+        trained = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=training.lr, betas=tuple(training.betas),
                                            weight_decay=training.weight_decay,
                                            # one fused kernel for all parameters: on the CPU a third of the
                                            # per-parameter loop's time for these models' hundreds of tensors
@@ -384,10 +386,12 @@ class Trainer:
 
     def _announce(self) -> None:
         parameters = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen = f" ({trained / 1e6:.2f} M trained)" if trained < parameters else ""
         action = f"resuming at step {self.step}" if self.step else "starting"
-        log.info("%s %s: %.2f M parameters, %d training / %d validation tracks, %d process(es) on %s, "
+        log.info("%s %s: %.2f M parameters%s, %d training / %d validation tracks, %d process(es) on %s, "
                  "%d examples of %.1f s per step, precision %s",
-                 action, self.run_dir, parameters / 1e6, len(self.train_set.tracks), len(self.valid_set),
+                 action, self.run_dir, parameters / 1e6, frozen, len(self.train_set.tracks), len(self.valid_set),
                  self.dist.world_size, self.device, self.examples_per_step, self.config.data.segment_seconds,
                  str(self.autocast_dtype or torch.float32).replace("torch.", ""))
 
@@ -443,13 +447,39 @@ class StopSignals:
         self._previous = {}
 
 
+def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """Stop training the parameters in the modules `prefixes` name (training.freeze: "layers", "mask_estimators.0")."""
+    def inside(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(inside(name, prefix) for name in names):
+            raise BSMamba2Error(f"training.freeze: {prefix!r} names no parameter of the model (they start with "
+                                f"{', '.join(sorted({name.split('.')[0] for name in names}))})")
+    for name, parameter in model.named_parameters():
+        if any(inside(name, prefix) for prefix in prefixes):
+            parameter.requires_grad_(False)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None for fp32. `auto`: bf16 on CUDA where supported (else fp16), fp32 elsewhere (no fast bf16 on CPU)."""
+    """None for fp32. `auto`: bf16 on CUDA where supported (else fp16); on a CPU, bf16 where it has bf16
+    instructions (AVX512-BF16, AMX: oneDNN's bf16 matmuls, and half the memory traffic, make a training step much
+    faster; docs/performance.md), else fp32 (emulated bf16 is slower than fp32); fp32 elsewhere."""
     if precision == "auto":
-        if device.type != "cuda":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_bf16():
+            precision = "bf16"
+        else:
             return None
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (as oneDNN, torch's CPU matmul library, sees it)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def seed_everything(seed: int) -> None:

@@ -68,8 +68,8 @@ class Models:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.entries = hub.registry()
-        bundled = [name for name, entry in self.entries.items() if entry.package_file is not None]
-        self.default = args.model or (CHECKPOINT if args.checkpoint else (bundled or list(self.entries))[0])
+        default = hub.DEFAULT_MODEL if hub.DEFAULT_MODEL in self.entries else list(self.entries)[0]
+        self.default = args.model or (CHECKPOINT if args.checkpoint else default)
         self.loaded: tuple[Optional[Settings], object] = (None, None)
         self.checkpoint_stems: list[str] = []  # known once the --checkpoint model has been loaded
 

@@ -17,7 +17,7 @@ from bsmamba2.metrics import usdr
 from bsmamba2.tracks import list_tracks, read_stem
 from bsmamba2.training.loop import Trainer
 
-from training_fixtures import tiny_config, tiny_config_dict
+from training_fixtures import RATE, tiny_config, tiny_config_dict
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -152,3 +152,35 @@ def test_profile_train_step_times_each_phase_of_the_trainers_step(data_root, tmp
     wall = {name: float(values[0]) for name, values in rows.items()}
     assert all(wall[phase] >= 0 for phase in phases) and wall["forward"] > 0 and wall["backward"] > 0
     assert wall["step"] == pytest.approx(sum(wall[phase] for phase in phases), abs=0.005)
+
+
+@pytest.mark.slow
+def test_export_half_stores_float16_weights_that_load_as_float32(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert Trainer(tiny_config(data_root, training={"max_steps": 2}), run_dir, quiet=True).run() == 0
+    full, half = tmp_path / "full.ckpt", tmp_path / "half.ckpt"
+    assert run_script("export_model.py", run_dir / "last.ckpt", full).returncode == 0
+    result = run_script("export_model.py", run_dir / "last.ckpt", half, "--half")
+    assert result.returncode == 0, result.stderr
+    agreement = float(result.stdout.split("agrees with float32 to ")[1].split(" dB")[0])
+    stored = read_checkpoint(half)["model"]
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    model = bsmamba2.load_model(half)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    wave = torch.randn(1, model.audio_channels, RATE)
+    with torch.inference_mode():
+        assert usdr(bsmamba2.load_model(full)(wave).numpy(), model(wave).numpy()) > 40 and agreement > 40
+
+
+@pytest.mark.slow
+def test_train_speed_times_a_commit_against_the_working_tree(data_root, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(data_root)))
+    result = run_script("train_speed.py", "--baseline", "HEAD", "--config", config, "--steps", 4, "--log-every", 2,
+                        "--rounds", 1, "--nproc", 1, "--json", tmp_path / "speed.json")
+    assert result.returncode == 0, result.stderr
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert list(speed["steps_per_s"]) == ["baseline HEAD", "working tree"]
+    assert all(value > 0 for value in speed["steps_per_s"].values()) and speed["ratio"] > 0
+    assert "ratio" in result.stdout.splitlines()[-1]
