@@ -156,9 +156,9 @@ class TrainingConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     max_nonfinite_steps: int = 20
-    # Modules (parameter-name prefixes) held at their starting (--init) values, e.g. a trained network and its stems' mask
-    # estimators while new stems' estimators learn on top (scripts/grow_model.py --stems): those stems separate
-    # exactly as before, and the step skips the frozen part's backward.
+    # Modules (parameter-name prefixes) held at their starting (--init) values, e.g. a trained network and its
+    # stems' mask estimators while new stems' estimators learn on top (scripts/grow_model.py --stems): those stems
+    # separate exactly as before, and the step skips the frozen part's backward.
     freeze: list[str] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
 

@@ -5,10 +5,10 @@ one's stems are from PyTorch fp32's (their SDR against PyTorch fp32's, dB), and 
     python scripts/onnx_benchmark.py --dir DIR [--models bundled,paper] [--threads 2] [--repeats 5] [--json F]
     python scripts/onnx_benchmark.py --dir DIR --export-only        # the exports alone (the paper's takes minutes)
 
-Models: `bundled` (the bundled vocals model, synth-vocals), `paper` (configs/bsmamba2_vocals.yaml with random weights, seed 0), or a
-checkpoint file. DIR keeps what each model needs: its checkpoint (paper), its export, an int8 copy of the export
-(onnxruntime's dynamic quantization of the MatMul weights) and the input, one chunk (the config's inference
-length) of the bundled example song, batch 1; a later run reuses them. PyTorch int8 is load_model(...,
+Models: `bundled` (the bundled vocals model, synth-vocals), `paper` (configs/bsmamba2_vocals.yaml with random
+weights, seed 0), or a checkpoint file. DIR keeps what each model needs: its checkpoint (paper), its export, an int8
+copy of the export (onnxruntime's dynamic quantization of the MatMul weights) and the input, one chunk (the config's
+inference length) of the bundled example song, batch 1; a later run reuses them. PyTorch int8 is load_model(...,
 quantize="int8").
 
 Each timed call runs in a fresh process (a separation command's set-up, --threads threads), after a warm-up call

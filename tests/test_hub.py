@@ -261,8 +261,8 @@ def test_two_processes_downloading_at_once_download_once(server, register, cache
 
 def test_unknown_model_lists_the_known_ones(register, cache):
     register({"url": "file:///x.ckpt"})
-    with pytest.raises(BSMamba2Error, match="unknown model 'nope' \\(known: bsmamba2-vocals-msst, synth-4stem, synth-vocals, "
-                                            f"{NAME};"):
+    with pytest.raises(BSMamba2Error, match="unknown model 'nope' \\(known: bsmamba2-vocals-msst, synth-4stem, "
+                                            f"synth-vocals, {NAME};"):
         hub.get_model("nope")
 
 

@@ -448,7 +448,8 @@ class StopSignals:
 
 
 def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
-    """Stop training the parameters in the modules `prefixes` name (training.freeze: "layers", "mask_estimators.0")."""
+    """Stop training the parameters of the modules that `prefixes` name (training.freeze: e.g. "layers",
+    "mask_estimators.0")."""
     def inside(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")
 
