@@ -123,10 +123,18 @@ class LossConfig:
     stft_hop: int = 147
     stft_min_n_fft: int = 2048
     sdr_weight: float = 0.0
+    # The weight of a stem's loss, by name (the others weigh 1): e.g. the vocals of a four-stem model weighted up
+    # while its shared network trains for the new stems too.
+    stem_weights: dict[str, float] = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def validate(self, stems: list[str]) -> None:
         _require(self.waveform_weight >= 0 and self.stft_weight >= 0 and self.sdr_weight >= 0, "training.loss",
                  "weights must be non-negative")
+        for stem, weight in self.stem_weights.items():
+            _require(stem in stems, "training.loss.stem_weights", f"{stem!r} is not one of model.stems {stems}")
+            _require(weight >= 0, f"training.loss.stem_weights.{stem}", "must be non-negative")
+        _require(any(self.stem_weights.get(stem, 1.0) > 0 for stem in stems), "training.loss.stem_weights",
+                 "at least one stem must weigh more than 0")
         _require(all(w > 0 for w in self.stft_windows), "training.loss.stft_windows", "must be positive")
         _require(self.stft_hop > 0, "training.loss.stft_hop", "must be positive")
 
@@ -160,9 +168,12 @@ class TrainingConfig:
     # stems' mask estimators while new stems' estimators learn on top (scripts/grow_model.py --stems): those stems
     # separate exactly as before, and the step skips the frozen part's backward.
     freeze: list[str] = field(default_factory=list)
+    # A multiple of `lr` for the modules (parameter-name prefixes) named, the longest prefix deciding: e.g. a
+    # trained network at a tenth of the rate of the new stems' mask estimators.
+    lr_scales: dict[str, float] = field(default_factory=dict)
     loss: LossConfig = field(default_factory=LossConfig)
 
-    def validate(self) -> None:
+    def validate(self, model: ModelConfig) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "validate_every",
                     "checkpoint_every", "keep_last", "max_nonfinite_steps"):
             _require(getattr(self, key) > 0, f"training.{key}", "must be positive")
@@ -184,7 +195,8 @@ class TrainingConfig:
         _require(self.device in ("auto", "cpu", "cuda", "mps"), "training.device", "must be auto, cpu, cuda or mps")
         _require(0 <= self.ema_decay < 1, "training.ema_decay", "must be in [0, 1) (0 disables EMA)")
         _require(self.num_workers >= 0, "training.num_workers", "must be non-negative")
-        self.loss.validate()
+        _require(all(scale > 0 for scale in self.lr_scales.values()), "training.lr_scales", "must be positive")
+        self.loss.validate(model.stems)
 
 
 @dataclass
@@ -263,7 +275,7 @@ class Config:
     def validate(self) -> "Config":
         self.audio.validate()
         self.model.validate(self.audio)
-        self.training.validate()
+        self.training.validate(self.model)
         self.data.validate(self.model)
         self.inference.validate()
         return self
@@ -406,6 +418,10 @@ def _convert(hint, value, key: str):
         if value is None:
             return None
         return _convert(next(a for a in args if a is not type(None)), value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _ConfigValueError(f"{key}: expected a mapping, got {value!r}")
+        return {_convert(args[0], name, key): _convert(args[1], item, f"{key}.{name}") for name, item in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _ConfigValueError(f"{key}: expected a list, got {value!r}")

@@ -1,5 +1,7 @@
 """The training loss of "Mamba2 Meets Silence": waveform L1 plus multi-resolution complex-STFT L1; optionally a
 negative SDR term, the quantity the evaluation (uSDR) measures."""
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -15,11 +17,15 @@ class MultiResolutionLoss(nn.Module):
     and compares real and imaginary parts. The STFT is linear, so STFT(estimate) − STFT(target) is computed as
     STFT(estimate − target): one transform per resolution instead of two. The SDR term is uSDR with the batch as
     one track, averaged over stems: sums over examples, channels and samples, so that, as in the evaluation, a
-    silent or quiet segment counts by its energy rather than dominating its own ratio.
+    silent or quiet segment counts by its energy rather than dominating its own ratio. Each stem's terms count by
+    its weight in `stem_weights` (1 for a stem not named; the weights are normalised to average 1).
     """
 
-    def __init__(self, config: LossConfig):
+    def __init__(self, config: LossConfig, stems: Sequence[str] = ()):
         super().__init__()
+        # without the stems' names every stem weighs 1
+        weights = torch.tensor([config.stem_weights.get(stem, 1.0) for stem in stems] or [1.0])
+        self.register_buffer("stem_weights", weights / weights.mean(), persistent=False)
         self.waveform_weight = config.waveform_weight
         self.stft_weight = config.stft_weight
         self.sdr_weight = config.sdr_weight
@@ -29,11 +35,15 @@ class MultiResolutionLoss(nn.Module):
 
     def forward(self, estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         error = (estimate - target).float()
-        loss = self.waveform_weight * error.abs().mean()
         if self.sdr_weight:
             signal = target.float().square().transpose(0, 1).flatten(1).sum(-1) + USDR_DELTA
             distortion = error.square().transpose(0, 1).flatten(1).sum(-1) + USDR_DELTA
-            loss = loss - self.sdr_weight * (10 * torch.log10(signal / distortion)).mean()
+            sdr = 10 * torch.log10(signal / distortion)
+        # the L1 terms are linear in |error|, so weighting a stem's error weights its terms
+        error = error * self.stem_weights.view(1, -1, 1, 1)
+        loss = self.waveform_weight * error.abs().mean()
+        if self.sdr_weight:
+            loss = loss - self.sdr_weight * (self.stem_weights * sdr).mean()
         if self.stft_weight == 0:
             return loss
         error = error.reshape(-1, estimate.shape[-1])

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
-from bsmamba2.config import LossConfig
+from bsmamba2.config import LossConfig, load_config
+from bsmamba2.errors import BSMamba2Error
 from bsmamba2.losses import MultiResolutionLoss
 from bsmamba2.metrics import usdr
 
@@ -68,3 +70,15 @@ def test_sdr_term_is_minus_usdr_of_the_batch_as_one_track_per_stem():
     combined = MultiResolutionLoss(LossConfig(sdr_weight=2.0))(estimate, target).item()
     paper = MultiResolutionLoss(LossConfig())(estimate, target).item()
     np.testing.assert_allclose(combined, paper + loss.item(), rtol=1e-5)  # the loss computes in float32
+
+
+def test_stem_weights_weigh_each_stems_terms_and_name_only_model_stems():
+    generator = torch.Generator().manual_seed(2)
+    target = torch.randn(2, 2, 2, 4000, generator=generator, dtype=torch.float64)
+    estimate = target + 0.5 * torch.randn(2, 2, 2, 4000, generator=generator, dtype=torch.float64)
+    config = LossConfig(sdr_weight=1.0, stem_weights={"vocals": 3.0})
+    per_stem = [MultiResolutionLoss(config)(estimate[:, [s]], target[:, [s]]).item() for s in range(2)]
+    weighted = MultiResolutionLoss(config, ["vocals", "drums"])(estimate, target).item()
+    np.testing.assert_allclose(weighted, (1.5 * per_stem[0] + 0.5 * per_stem[1]) / 2, rtol=1e-5)  # weights 3:1
+    with pytest.raises(BSMamba2Error, match="training.loss.stem_weights: 'voice' is not one of model.stems"):
+        load_config(overrides=["training.loss.stem_weights={voice: 2}"])

@@ -41,6 +41,7 @@ VOCALS = ("mix", "sung", "spoken")  # the synth family's voices: the formant sin
 FESTIVAL_VOICES = ("ked_diphone", "lp_diphone", "pc_diphone", "upc_ca_ona_hts", "czech_dita", "czech_krb",
                    "czech_machac", "czech_ph", "hy_fi_mv_diphone", "suo_fi_lj_diphone", "msu_ru_nsh_clunits")
 FLITE_VOICES = ("kal", "awb", "rms", "slt", "kal16")
+FESTIVAL_VOICE_FOLDER = Path("/usr/share/festival/voices")  # Debian's: <language>/<speaker>
 PROGRESSIONS = ([0, 4, 5, 3], [0, 5, 3, 4], [5, 3, 0, 4], [0, 3, 4, 4], [0, 2, 5, 4], [0, 3, 0, 4])
 SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10]}
 # First three formants (Hz) of five vowels, an adult male voice (Peterson & Barney's averages, rounded).
@@ -177,15 +178,21 @@ def shaker(n: int, rng) -> np.ndarray:
     return 0.4 * bandpass(rng.standard_normal(n), 4000, 10000) * np.sin(np.pi * np.minimum(t / 0.07, 1))
 
 
+def voice_installed(voice: str) -> bool:
+    if voice in FLITE_VOICES:  # flite's speakers are built into it
+        return shutil.which("flite") is not None
+    return shutil.which("text2wave") is not None and any(FESTIVAL_VOICE_FOLDER.glob(f"*/{voice}"))
+
+
 def spoken_phrase(words: int, rng, voice: str) -> np.ndarray:
     """`voice` (a FLITE_VOICES or FESTIVAL_VOICES speaker) speaking `words` random words, at 44.1 kHz."""
     import soundfile
     import soxr
 
     engine = "flite" if voice in FLITE_VOICES else "text2wave"
-    if not shutil.which(engine):
-        raise SystemExit(f"voice {voice} needs {engine}: apt-get install {'flite' if engine == 'flite' else 'festival'}"
-                         " (and its festvox packages, listed in tools/procedural_songs.py)")
+    if not voice_installed(voice):
+        packages = "flite" if engine == "flite" else "festival and the festvox packages in tools/procedural_songs.py"
+        raise SystemExit(f"voice {voice} is not installed: apt-get install {packages}")
     text = " ".join(rng.choice(WORDS, size=words))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "phrase.wav")

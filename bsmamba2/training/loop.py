@@ -41,8 +41,10 @@ from .schedule import LearningRateSchedule
 log = logging.getLogger("bsmamba2")
 
 TRAINING_STATE_KEYS = ("config", "model", "optimizer", "scheduler", "step", "samples_seen", "rng")
-# Sections that shape the weights: a run cannot resume under different values.
+# What shapes the weights and the optimizer's state: a run cannot resume under different values. Whole sections,
+# then single keys (section, key).
 FIXED_SECTIONS = ("audio", "model")
+FIXED_KEYS = (("training", "freeze"), ("training", "lr_scales"))
 
 
 def prepare_run(config_path: Optional[str], overrides: list[str], run_dir: Path,
@@ -69,14 +71,14 @@ def prepare_run(config_path: Optional[str], overrides: list[str], run_dir: Path,
     else:
         raise BSMamba2Error(f"--config is required to start a new run ({last} does not exist)")
     if checkpoint is not None:
-        stored = checkpoint["config"]
-        current = config.to_dict()
-        for section in FIXED_SECTIONS:
-            for key, value in current[section].items():
-                if stored[section].get(key) != value:
-                    raise BSMamba2Error(
-                        f"{section}.{key} is {value!r} but the run in {run_dir} was trained with "
-                        f"{stored[section].get(key)!r}; use another --out to start a new run")
+        stored, current = checkpoint["config"], config.to_dict()
+        defaults = Config().to_dict()  # for a key the checkpoint's code did not have yet
+        fixed = [(section, key) for section in FIXED_SECTIONS for key in current[section]] + list(FIXED_KEYS)
+        for section, key in fixed:
+            value, trained_with = current[section][key], stored[section].get(key, defaults[section][key])
+            if trained_with != value:
+                raise BSMamba2Error(f"{section}.{key} is {value!r} but the run in {run_dir} was trained with "
+                                    f"{trained_with!r}; use another --out to start a new run")
     return config, checkpoint
 
 
@@ -119,8 +121,8 @@ class Trainer:
             self.model.load_state_dict(find_state_dict(read_checkpoint(init_from), self.model, init_from))
         freeze(self.model, training.freeze)
         self.ema = EMA(self.model, training.ema_decay) if training.ema_decay > 0 else None
-        trained = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.optimizer = torch.optim.AdamW(trained, lr=training.lr, betas=tuple(training.betas),
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, training.lr_scales), lr=training.lr,
+                                           betas=tuple(training.betas),
                                            weight_decay=training.weight_decay,
                                            # one fused kernel for all parameters: on the CPU a third of the
                                            # per-parameter loop's time for these models' hundreds of tensors
@@ -128,7 +130,7 @@ class Trainer:
         self.schedule = LearningRateSchedule(self.optimizer, training)
         self.autocast_dtype = autocast_dtype(training.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
-        self.loss = MultiResolutionLoss(training.loss).to(self.device)
+        self.loss = MultiResolutionLoss(training.loss, config.model.stems).to(self.device)
         self.code_version = code_version()
 
         self.examples_per_step = training.batch_size * training.grad_accum_steps * self.dist.world_size
@@ -450,17 +452,38 @@ class StopSignals:
 def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
     """Stop training the parameters of the modules that `prefixes` name (training.freeze: e.g. "layers",
     "mask_estimators.0")."""
-    def inside(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
+    check_module_prefixes(model, prefixes, "training.freeze")
+    for name, parameter in model.named_parameters():
+        if any(_inside(name, prefix) for prefix in prefixes):
+            parameter.requires_grad_(False)
 
+
+def parameter_groups(model: torch.nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """The trained parameters in one optimizer group per multiple of the rate (training.lr_scales: the longest
+    prefix naming a parameter decides; 1 for the others). The schedule sets each group's rate from its `lr_scale`."""
+    check_module_prefixes(model, list(lr_scales), "training.lr_scales")
+    groups: dict[float, list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            prefixes = [prefix for prefix in lr_scales if _inside(name, prefix)]
+            scale = lr_scales[max(prefixes, key=len)] if prefixes else 1.0
+            groups.setdefault(scale, []).append(parameter)
+    return [{"params": parameters, "lr_scale": scale} for scale, parameters in sorted(groups.items())]
+
+
+def check_module_prefixes(model: torch.nn.Module, prefixes: list[str], key: str) -> None:
+    """A one-line error for a prefix that names no parameter (a typo would otherwise silently do nothing)."""
     names = [name for name, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(inside(name, prefix) for name in names):
-            raise BSMamba2Error(f"training.freeze: {prefix!r} names no parameter of the model (they start with "
+        if not any(_inside(name, prefix) for name in names):
+            raise BSMamba2Error(f"{key}: {prefix!r} names no parameter of the model (they start with "
                                 f"{', '.join(sorted({name.split('.')[0] for name in names}))})")
-    for name, parameter in model.named_parameters():
-        if any(inside(name, prefix) for prefix in prefixes):
-            parameter.requires_grad_(False)
+
+
+def _inside(name: str, prefix: str) -> bool:
+    """Whether parameter `name` belongs to the module `prefix` (whole dotted components: "layers.1" is not in
+    "layers.10")."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

@@ -42,7 +42,7 @@ class LearningRateSchedule:
     def set_step(self, step: int) -> float:
         lr = self.training.lr * self.factor(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # training.lr_scales (parameter_groups)
         return lr
 
     def observe_validation(self, score: float) -> None:

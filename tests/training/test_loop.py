@@ -332,3 +332,23 @@ def test_frozen_parameters_keep_their_starting_values_while_the_rest_learns(data
         assert torch.equal(start[name], end[name]) == name.startswith(tuple(frozen)), name
     assert train(config_path, tmp_path / "typo", "--set=training.freeze=[layer]") == 2
     assert capsys.readouterr().err.startswith("bsmamba2 train: error: training.freeze: 'layer' names no parameter")
+
+
+def test_lr_scales_train_named_modules_at_a_multiple_of_the_rate_and_stay_fixed_for_the_run(data_root, tmp_path,
+                                                                                                capsys):
+    """training.lr_scales: e.g. a trained network at a fraction of the rate of new stems' estimators; the longest
+    prefix decides, and a resume under other scales would give the optimizer's state to the wrong parameters."""
+    scales = {"layers": 0.25, "layers.0": 0.5}
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(
+        data_root, training={"max_steps": 2, "lr_scales": scales}))
+    trainer = Trainer(bsmamba2.load_config(config_path), tmp_path / "unused", quiet=True)
+    lr = trainer.schedule.set_step(10)
+    by_parameter = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name, parameter in trainer.model.named_parameters():
+        expected = 0.5 if name.startswith("layers.0.") else 0.25 if name.startswith("layers.") else 1.0
+        assert by_parameter[id(parameter)] == pytest.approx(lr * expected), name
+    assert train(config_path, tmp_path / "run") == 0
+    assert train(config_path, tmp_path / "run", "--resume", "--set=training.lr_scales={layers: 0.1}") == 2
+    assert "training.lr_scales is {'layers': 0.1} but the run" in capsys.readouterr().err
+    assert train(config_path, tmp_path / "typo", "--set=training.lr_scales={layer: 0.1}") == 2
+    assert capsys.readouterr().err.startswith("bsmamba2 train: error: training.lr_scales: 'layer' names no parameter")

@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from bsmamba2.config import TrainingConfig
+from bsmamba2.config import ModelConfig, TrainingConfig
 from bsmamba2.training.ema import EMA
 from bsmamba2.training.schedule import LearningRateSchedule
 
 
 def schedule(**values) -> LearningRateSchedule:
     training = TrainingConfig(lr=1e-3, max_steps=110, **values)
-    training.validate()
+    training.validate(ModelConfig())
     optimizer = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=training.lr)
     return LearningRateSchedule(optimizer, training)
 
