@@ -171,6 +171,11 @@ class TrainingConfig:
     # A multiple of `lr` for the modules (parameter-name prefixes) named, the longest prefix deciding: e.g. a
     # trained network at a tenth of the rate of the new stems' mask estimators.
     lr_scales: dict[str, float] = field(default_factory=dict)
+    # Distillation: the stems in `teacher_stems` learn the estimates of the `teacher` checkpoint on the same
+    # mixtures instead of the true stems, e.g. a four-stem model's vocals held to the vocals model's while its
+    # shared network trains for the new stems too.
+    teacher: str = ""
+    teacher_stems: list[str] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, model: ModelConfig) -> None:
@@ -196,6 +201,10 @@ class TrainingConfig:
         _require(0 <= self.ema_decay < 1, "training.ema_decay", "must be in [0, 1) (0 disables EMA)")
         _require(self.num_workers >= 0, "training.num_workers", "must be non-negative")
         _require(all(scale > 0 for scale in self.lr_scales.values()), "training.lr_scales", "must be positive")
+        _require(bool(self.teacher) == bool(self.teacher_stems), "training.teacher_stems",
+                 "name the stems a teacher is given for, and give a teacher for them")
+        for stem in self.teacher_stems:
+            _require(stem in model.stems, "training.teacher_stems", f"{stem!r} is not one of model.stems {model.stems}")
         self.loss.validate(model.stems)
 
 

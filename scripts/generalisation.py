@@ -2,7 +2,9 @@
 """Does a model help on songs unlike its training songs, at every vocal level? For each song and each
 vocal-to-accompaniment level, the SDR improvement over the mixture: the estimate's uSDR minus that of the untouched
 mixture taken as the estimate, for the vocals and for the accompaniment (`no_vocals`, the mixture minus the vocals
-estimate). A negative improvement means the model made that stem worse than doing nothing.
+estimate). A negative improvement means the model made that stem worse than doing nothing. Then each song's voice
+alone and accompaniment alone as the whole mixture: the uSDR of that stem's estimate (a track that is all one stem
+should come back nearly whole; 0 dB is as far off as silence).
 
     python scripts/generalisation.py --songs 8 --duration 15 --levels -6 0 6 12 --json results/generalisation.json
     python scripts/generalisation.py --model synth-4stem ...          # any --model / --checkpoint, as `separate`
@@ -25,6 +27,7 @@ from bsmamba2.metrics import usdr
 from bsmamba2.separate import add_model_flags, load_separator
 
 SONGS = Path(__file__).resolve().parents[1] / "tools" / "procedural_songs.py"
+PEAK = 0.89  # every mixture's peak: −1 dBFS
 
 
 def load_songs_module():
@@ -38,7 +41,7 @@ def mix_at_level(stems: dict, level_db: float) -> tuple:
     """(vocals, accompaniment, mixture) with vocals over accompaniment at `level_db`, mixture peak at −1 dBFS."""
     accompaniment = sum(audio for stem, audio in stems.items() if stem != "vocals")
     vocals = stems["vocals"] * np.sqrt(10 ** (level_db / 10) * np.sum(accompaniment ** 2) / np.sum(stems["vocals"] ** 2))
-    scale = 0.89 / np.max(np.abs(vocals + accompaniment))
+    scale = PEAK / np.max(np.abs(vocals + accompaniment))
     vocals, accompaniment = (scale * vocals).astype(np.float32), (scale * accompaniment).astype(np.float32)
     return vocals, accompaniment, vocals + accompaniment
 
@@ -65,6 +68,19 @@ def evaluate(separator, songs: list, levels: list, rate: int) -> dict:
             "min_improvement_db": round(float(np.min(every)), 2)}
 
 
+def one_stem_alone(separator, songs: list, rate: int) -> dict:
+    """{"vocals": summary, "accompaniment": summary} of the uSDR of the vocals estimate when the mixture is the voice
+    alone, and of `no_vocals` when it is the accompaniment alone (each at a peak of −1 dBFS)."""
+    scores = {"vocals": [], "accompaniment": []}
+    for stems in songs:
+        accompaniment = sum(audio for stem, audio in stems.items() if stem != "vocals")
+        for name, alone, output in (("vocals", stems["vocals"], "vocals"),
+                                    ("accompaniment", accompaniment, "no_vocals")):
+            alone = (PEAK / np.max(np.abs(alone)) * alone).astype(np.float32)
+            scores[name].append(usdr(alone, separator.separate(alone, rate)[output]))
+    return {name: summary(values) for name, values in scores.items()}
+
+
 def markdown(results: dict) -> str:
     lines = ["| vocal level | vocals: mean (min) | accompaniment: mean (min) |", "|---|---|---|"]
     for level, row in results["levels"].items():
@@ -72,6 +88,10 @@ def markdown(results: dict) -> str:
                      f"{row['accompaniment']['mean']:+.2f} ({row['accompaniment']['min']:+.2f}) |")
     lines.append(f"\nSDR improvement over the mixture (dB), mean over every track and stem "
                  f"{results['mean_improvement_db']:+.2f}, lowest {results['min_improvement_db']:+.2f}.")
+    alone = results["alone"]
+    lines.append(f"One stem alone as the mixture, uSDR of its estimate (dB): the voice {alone['vocals']['mean']:.2f} "
+                 f"(lowest {alone['vocals']['min']:.2f}), the accompaniment {alone['accompaniment']['mean']:.2f} "
+                 f"(lowest {alone['accompaniment']['min']:.2f}).")
     return "\n".join(lines)
 
 
@@ -94,7 +114,8 @@ def main(argv=None) -> int:
     songs = [songs_module.render_song("holdout", args.seed, index, args.duration) for index in range(args.songs)]
     results = {"command": " ".join(["python scripts/generalisation.py", *(argv if argv is not None else sys.argv[1:])]),
                "songs": args.songs, "duration_seconds": args.duration, "seed": args.seed,
-               **evaluate(separator, songs, args.levels, songs_module.RATE)}
+               **evaluate(separator, songs, args.levels, songs_module.RATE),
+               "alone": one_stem_alone(separator, songs, songs_module.RATE)}
     print(markdown(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

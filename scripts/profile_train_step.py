@@ -43,13 +43,14 @@ def main() -> int:
                 for phase in PHASES:
                     wall[phase] += times[phase][0] / args.steps
                     cpu[phase] += times[phase][1] / args.steps
+    phases = [phase for phase in PHASES if phase != "teacher" or trainer.teacher is not None]
     step_wall, step_cpu = sum(wall.values()), sum(cpu.values())
     audio_seconds = config.training.batch_size * config.data.segment_seconds
     print(f"{args.config}: batch {config.training.batch_size} × {config.data.segment_seconds:g} s, "
           f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters, "
           f"{torch.get_num_threads()} threads, {args.steps} timed steps, load average {os.getloadavg()[0]:.1f}")
     print(f"  {'phase':14s} {'wall s':>7s} {'share':>6s} {'CPU s':>7s}")
-    for phase in PHASES:
+    for phase in phases:
         print(f"  {phase:14s} {wall[phase]:7.3f} {100 * wall[phase] / step_wall:5.1f}% {cpu[phase]:7.3f}")
     print(f"  {'step':14s} {step_wall:7.3f} {100.0:5.1f}% {step_cpu:7.3f}  → {1 / step_wall:.3f} steps/s, "
           f"{audio_seconds / step_wall:.2f} s of audio per second (wall clock)")

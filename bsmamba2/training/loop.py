@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..apply import apply_model
-from ..checkpoint import atomic_save, build_model, find_state_dict, read_checkpoint
+from ..checkpoint import atomic_save, build_model, find_state_dict, load_model, read_checkpoint
 from ..config import Config, apply_override, load_config
 from ..data import StreamBatches, TrainingSegments, ValidationTracks, split_tracks
 from ..errors import BSMamba2Error
@@ -82,8 +82,9 @@ def prepare_run(config_path: Optional[str], overrides: list[str], run_dir: Path,
     return config, checkpoint
 
 
-# What `Trainer.train_step` reports to its `lap` callback as each phase ends (the first four per micro-batch).
-STEP_PHASES = ("data", "forward", "loss", "backward", "optimizer+ema")
+# What `Trainer.train_step` reports to its `lap` callback as each phase ends (all but the last per micro-batch;
+# "teacher" only with training.teacher).
+STEP_PHASES = ("data", "teacher", "forward", "loss", "backward", "optimizer+ema")
 
 
 def _no_lap(phase: str) -> None:
@@ -131,6 +132,8 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(training.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
         self.loss = MultiResolutionLoss(training.loss, config.model.stems).to(self.device)
+        self.teacher = Teacher(training.teacher, training.teacher_stems, config, self.device) if training.teacher \
+            else None
         self.code_version = code_version()
 
         self.examples_per_step = training.batch_size * training.grad_accum_steps * self.dist.world_size
@@ -237,6 +240,10 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             data_seconds += time.perf_counter() - started
             lap("data")
+            if self.teacher is not None:
+                with self._autocast():
+                    targets = self.teacher.targets(mixture, targets)
+                lap("teacher")
             defer_sync = self.dist.world_size > 1 and micro_batch < training.grad_accum_steps - 1
             with self.network.no_sync() if defer_sync else contextlib.nullcontext():
                 with self._autocast():
@@ -447,6 +454,34 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class Teacher:
+    """training.teacher: a trained model whose estimates are the targets of some stems (`teacher_stems`)."""
+
+    def __init__(self, checkpoint: str, stems: list[str], config: Config, device: torch.device):
+        self.model = load_model(checkpoint, device=device)
+        for stem in stems:
+            if stem not in self.model.stems:
+                raise BSMamba2Error(f"training.teacher {checkpoint}: has no stem {stem!r} (it has "
+                                    f"{', '.join(self.model.stems)})")
+        ours = (config.audio.sample_rate, config.audio.channels)
+        theirs = (self.model.sample_rate, self.model.audio_channels)
+        if theirs != ours:
+            raise BSMamba2Error(f"training.teacher {checkpoint}: {theirs[0]} Hz, {theirs[1]} channels; this run "
+                                f"trains at {ours[0]} Hz, {ours[1]} channels")
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.teacher_index = [self.model.stems.index(stem) for stem in stems]
+        self.student_index = [config.model.stems.index(stem) for stem in stems]
+
+    def targets(self, mixture: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`targets` (batch, stems, channels, samples) with the teacher's stems replaced by its estimates."""
+        with torch.no_grad():
+            estimate = self.model(mixture)
+        targets = targets.clone()
+        targets[:, self.student_index] = estimate[:, self.teacher_index].to(targets.dtype)
+        return targets
 
 
 def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:

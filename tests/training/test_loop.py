@@ -284,7 +284,7 @@ def test_train_step_reports_its_phases_and_is_the_step_run_takes(data_root, tmp_
     for _ in range(2):
         result = trainer.train_step(stream, lap=phases.append)
         assert result.updated and not result.stop_requested and np.isfinite(result.loss)
-    micro_batch = list(STEP_PHASES[:-1])
+    micro_batch = [phase for phase in STEP_PHASES[:-1] if phase != "teacher"]  # only with training.teacher
     assert phases == (micro_batch * 2 + [STEP_PHASES[-1]]) * 2
     assert (trainer.step, trainer.samples_seen) == (2, 2 * 2 * 2)
     run = Trainer(config, tmp_path / "run", quiet=True)
@@ -352,3 +352,27 @@ def test_lr_scales_train_named_modules_at_a_multiple_of_the_rate_and_stay_fixed_
     assert "training.lr_scales is {'layers': 0.1} but the run" in capsys.readouterr().err
     assert train(config_path, tmp_path / "typo", "--set=training.lr_scales={layer: 0.1}") == 2
     assert capsys.readouterr().err.startswith("bsmamba2 train: error: training.lr_scales: 'layer' names no parameter")
+
+
+def test_a_teacher_gives_its_estimates_as_the_targets_of_its_stems(data_root, tmp_path, capsys):
+    """training.teacher: e.g. a four-stem model's vocals held to a vocals model's while the rest of it trains."""
+    torch.manual_seed(1)
+    teacher = build_model(tiny_config(data_root)).eval()  # a vocals model
+    save_model(teacher, tmp_path / "teacher.ckpt")
+    model = {"stems": ["vocals", "drums"]}
+    distilled = {"teacher": str(tmp_path / "teacher.ckpt"), "teacher_stems": ["vocals"]}
+    trainer = Trainer(tiny_config(data_root, model=model, training=distilled), tmp_path / "unused", quiet=True)
+    mixture, targets = (torch.stack(items) for items in zip(trainer.train_set[0], trainer.train_set[1]))
+    given = trainer.teacher.targets(mixture, targets)
+    with torch.no_grad():
+        torch.testing.assert_close(given[:, 0], teacher(mixture)[:, 0])
+    assert torch.equal(given[:, 1], targets[:, 1]) and not torch.allclose(given[:, 0], targets[:, 0])
+
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config_dict(data_root, model=model,
+                                                                       training={"max_steps": 2, **distilled}))
+    assert train(config_path, tmp_path / "run") == 0
+    assert train(config_path, tmp_path / "drums", "--set=training.teacher_stems=[drums]") == 2
+    assert capsys.readouterr().err == (f"bsmamba2 train: error: training.teacher {tmp_path / 'teacher.ckpt'}: has no "
+                                       "stem 'drums' (it has vocals)\n")
+    assert train(config_path, tmp_path / "none", "--set=training.teacher_stems=[]") == 2
+    assert "training.teacher_stems: name the stems a teacher is given for" in capsys.readouterr().err
