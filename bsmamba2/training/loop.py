@@ -470,8 +470,6 @@ class Teacher:
         if theirs != ours:
             raise BSMamba2Error(f"training.teacher {checkpoint}: {theirs[0]} Hz, {theirs[1]} channels; this run "
                                 f"trains at {ours[0]} Hz, {ours[1]} channels")
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
         self.teacher_index = [self.model.stems.index(stem) for stem in stems]
         self.student_index = [config.model.stems.index(stem) for stem in stems]
 

@@ -374,5 +374,9 @@ def test_a_teacher_gives_its_estimates_as_the_targets_of_its_stems(data_root, tm
     assert train(config_path, tmp_path / "drums", "--set=training.teacher_stems=[drums]") == 2
     assert capsys.readouterr().err == (f"bsmamba2 train: error: training.teacher {tmp_path / 'teacher.ckpt'}: has no "
                                        "stem 'drums' (it has vocals)\n")
+    save_model(build_model(tiny_config(data_root, audio={"sample_rate": 16000})), tmp_path / "16k.ckpt")
+    assert train(config_path, tmp_path / "16k", "--set", f"training.teacher={tmp_path / '16k.ckpt'}") == 2
+    assert capsys.readouterr().err == (f"bsmamba2 train: error: training.teacher {tmp_path / '16k.ckpt'}: 16000 Hz, 2 "
+                                       "channels; this run trains at 8000 Hz, 2 channels\n")
     assert train(config_path, tmp_path / "none", "--set=training.teacher_stems=[]") == 2
     assert "training.teacher_stems: name the stems a teacher is given for" in capsys.readouterr().err
