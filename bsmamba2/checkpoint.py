@@ -7,6 +7,9 @@ Separation-Training's `bs_mamba2_vocals.ckpt`) hold the same parameter names, po
 `model` / `ema`-like keys and prefixed with `model.` / `module.`; without a stored config they get the paper vocals
 config.
 
+A bag of models (`bsmamba2.models.bag`) is a torch.save dict of `stems` (the bag's, in order) and `members`, a list
+of such checkpoints, each a `config` and a `model`.
+
 Checkpoints are data: nothing in one is ever run, and what one makes us allocate is bounded by its size. torch
 files are read by a restricted unpickler that rebuilds tensors, containers and plain values and turns every other
 object (Lightning's hyper-parameters and callbacks, or worse) into an inert `Placeholder`; what it returns is then
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import copy
 import functools
 import io
 import json
@@ -35,6 +39,7 @@ from . import __version__
 from .config import Config, load_config
 from .errors import BSMamba2Error
 from .files import atomic_write
+from .models.bag import BagOfModels
 from .models.bs_mamba2 import BSMamba2
 from .quantize import check_quantize, quantize_model
 from .runtime import setup_process
@@ -63,10 +68,41 @@ def build_model(config: Config) -> BSMamba2:
     return model
 
 
+def keep_stems(model: BSMamba2, stems: list[str]) -> BSMamba2:
+    """A copy of `model` with the mask estimators of `stems` only, in that order (the network before them kept)."""
+    missing = [stem for stem in stems if stem not in model.stems]
+    if missing:
+        raise BSMamba2Error(f"the model has no {', '.join(missing)} stem (its stems: {', '.join(model.stems)})")
+    config = copy.deepcopy(model.config)
+    config.model.stems = list(stems)
+    # the training settings that name stems keep those that are left
+    config.training.loss.stem_weights = {stem: weight for stem, weight in config.training.loss.stem_weights.items()
+                                         if stem in stems}
+    config.training.teacher_stems = [stem for stem in config.training.teacher_stems if stem in stems]
+    config.training.teacher = config.training.teacher if config.training.teacher_stems else ""
+    kept = build_model(config.validate())
+    kept.load_state_dict({moved_estimator_name(name, model.stems, stems): tensor
+                          for name, tensor in model.state_dict().items()
+                          if not name.startswith("mask_estimators.") or model.stems[int(name.split(".")[1])] in stems})
+    return kept.train(model.training)
+
+
+def moved_estimator_name(name: str, old_stems: list, new_stems: list) -> str:
+    """`mask_estimators.I.rest` → `mask_estimators.J.rest`, J the place in `new_stems` of stem I of `old_stems`;
+    other names unchanged."""
+    prefix, _, rest = name.partition(".")
+    if prefix != "mask_estimators":
+        return name
+    index, _, rest = rest.partition(".")
+    return f"mask_estimators.{new_stems.index(old_stems[int(index)])}.{rest}"
+
+
 def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, str, Path, None] = None,
-               device: Union[str, torch.device] = "cpu", quantize: Optional[str] = None) -> BSMamba2:
-    """A model in eval mode from a checkpoint (ours or a published one: torch, Lightning or safetensors); `config`
-    overrides the stored one. quantize="int8": the projections run in int8 (CPU only; `bsmamba2.quantize`).
+               device: Union[str, torch.device] = "cpu",
+               quantize: Optional[str] = None) -> Union[BSMamba2, BagOfModels]:
+    """A model in eval mode from a checkpoint (ours or a published one: torch, Lightning or safetensors, or a bag of
+    models); `config` overrides the stored one. quantize="int8": the projections run in int8 (CPU only;
+    `bsmamba2.quantize`).
 
     Without `checkpoint`, the bundled default model. On the CPU this sets up the process as the commands do
     (`runtime.setup_process`: glibc keeps freed memory; BSMAMBA2_KEEP_FREED_MEMORY=0 opts out).
@@ -79,15 +115,38 @@ def load_model(checkpoint: Union[str, Path, None] = None, config: Union[Config, 
         from .pretrained import default_checkpoint
         checkpoint = default_checkpoint()
     payload = read_checkpoint(checkpoint)
-    if config is not None:
-        config = config if isinstance(config, Config) else load_config(config)
-    elif isinstance(payload.get("config"), dict):
-        config = Config.from_dict(payload["config"], source=f"config stored in {checkpoint}")
+    if "members" in payload:
+        if config is not None:
+            raise BSMamba2Error(f"checkpoint {checkpoint} is a bag of models: its members keep their own configs")
+        model = _load_bag(payload, checkpoint)
     else:
-        config = Config().validate()  # the defaults are the published vocals checkpoints' configuration
-    model = build_model(config)
-    model.load_state_dict(find_state_dict(payload, model, checkpoint))
+        if config is not None:
+            config = config if isinstance(config, Config) else load_config(config)
+        elif isinstance(payload.get("config"), dict):
+            config = Config.from_dict(payload["config"], source=f"config stored in {checkpoint}")
+        else:
+            config = Config().validate()  # the defaults are the published vocals checkpoints' configuration
+        model = build_model(config)
+        model.load_state_dict(find_state_dict(payload, model, checkpoint))
     return quantize_model(model.to(device).eval(), quantize, device)
+
+
+def _load_bag(payload: dict, source) -> BagOfModels:
+    members, stems = payload["members"], payload.get("stems")
+    if not isinstance(members, list) or not members or not all(
+            isinstance(member, dict) and isinstance(member.get("config"), dict) for member in members):
+        raise BSMamba2Error(f"checkpoint {source}: a bag's members must each hold a config and weights")
+    if not isinstance(stems, list) or not all(isinstance(stem, str) for stem in stems):
+        raise BSMamba2Error(f"checkpoint {source}: a bag must list its stems")
+    models = []
+    for number, member in enumerate(members):
+        model = build_model(Config.from_dict(member["config"], source=f"member {number} of {source}"))
+        model.load_state_dict(find_state_dict(member, model, f"{source} (member {number})"))
+        models.append(model)
+    try:
+        return BagOfModels(models, stems)
+    except BSMamba2Error as error:
+        raise BSMamba2Error(f"checkpoint {source}: {error}") from None
 
 
 def find_state_dict(payload: dict, model: torch.nn.Module, source) -> dict:
@@ -380,14 +439,22 @@ def atomic_save(obj, path: Union[str, Path]) -> None:
         torch.save(obj, file)
 
 
-def save_model(model: BSMamba2, path: Union[str, Path], half: bool = False) -> None:
+def save_model(model: Union[BSMamba2, BagOfModels], path: Union[str, Path], half: bool = False) -> None:
     """A checkpoint that `load_model` reads: the model's config and weights, as safetensors (the config as JSON in
-    the metadata) when `path` ends in .safetensors, else as a torch.save dict. half=True stores floating-point
-    weights as float16 (half the file; `load_model` computes in the model's own float32)."""
+    the metadata) when `path` ends in .safetensors, else as a torch.save dict (a bag of models: torch only).
+    half=True stores floating-point weights as float16 (half the file; `load_model` computes in the model's own
+    float32)."""
+    safetensors_file = Path(path).suffix.lower() == ".safetensors"
+    if isinstance(model, BagOfModels):
+        if safetensors_file:
+            raise BSMamba2Error(f"{path}: a bag of models is saved as a torch checkpoint (.ckpt), not .safetensors")
+        atomic_save({"stems": model.stems, "members": [{"config": member.config.to_dict(),
+                                                        "model": _stored_weights(member, half)}
+                                                       for member in model.members]}, path)
+        return
     config = model.config.to_dict()
-    weights = {name: tensor.detach().cpu().half() if half and tensor.is_floating_point() else tensor
-               for name, tensor in model.state_dict().items()}
-    if Path(path).suffix.lower() != ".safetensors":
+    weights = _stored_weights(model, half)
+    if not safetensors_file:
         atomic_save({"config": config, "model": weights}, path)
         return
     # safetensors refuses tensors that share storage or are not contiguous: a contiguous copy of each keeps
@@ -397,3 +464,8 @@ def save_model(model: BSMamba2, path: Union[str, Path], half: bool = False) -> N
     metadata = {"format": "pt", CONFIG_METADATA: json.dumps(config), VERSION_METADATA: __version__}
     with atomic_write(path) as file:
         file.write(safetensors.torch.save(weights, metadata))
+
+
+def _stored_weights(model: BSMamba2, half: bool) -> dict:
+    return {name: tensor.detach().cpu().half() if half and tensor.is_floating_point() else tensor
+            for name, tensor in model.state_dict().items()}

@@ -233,6 +233,8 @@ class DataConfig:
     polarity_flip: bool = False
     eq_db: float = 0.0  # each stem through a random smooth EQ within ±eq_db dB (0 = off)
     repitch_semitones: float = 0.0  # each stem sped up or slowed down (pitch and tempo) within ± this (0 = off)
+    # {stem: [low, high]}: those stems repitched within their own range instead, e.g. voices lower than the songs'
+    stem_repitch_semitones: dict[str, list[float]] = field(default_factory=dict)
 
     def validate(self, model: ModelConfig) -> None:
         _require(self.segment_seconds > 0, "data.segment_seconds", "must be positive")
@@ -256,6 +258,12 @@ class DataConfig:
                  "data.level_over_rest_db", "must be [low, high] in dB with low <= high, or null")
         _require(0 <= self.level_over_rest_prob <= 1, "data.level_over_rest_prob", "must be in [0, 1]")
         _require(0 <= self.repitch_semitones <= 12, "data.repitch_semitones", "must be in [0, 12]")
+        for stem, semitones in self.stem_repitch_semitones.items():
+            _require(stem in self.sources, "data.stem_repitch_semitones", f"{stem!r} is not one of data.sources")
+            _require(len(semitones) == 2 and -12 <= semitones[0] <= semitones[1] <= 12,
+                     "data.stem_repitch_semitones", f"{stem}: must be [low, high] with -12 <= low <= high <= 12")
+        _require(not self.stem_repitch_semitones or self.mix_different_tracks, "data.stem_repitch_semitones",
+                 "needs data.mix_different_tracks (the stems of one song share one speed)")
         _require(self.eq_db >= 0, "data.eq_db", "must be a non-negative gain in dB (0 = off)")
         _require(self.min_activity_db is None or self.min_activity_db < 0, "data.min_activity_db",
                  "must be a negative level in dBFS (RMS of a stem's segment), or null to keep every segment")

@@ -4,9 +4,9 @@ Training examples follow the paper ("Mamba2 Meets Silence"): every source stem c
 random position, gets a random gain in `gain_range` and is silenced with probability `silence_prob`; the mixture is
 the sum of the stems and each target is exactly the scaled (or silenced) stem inside that mixture. Optional:
 segments whose stem is quieter than `min_activity_db` are redrawn, each stem sped up or slowed down
-(`repitch_semitones`: pitch and tempo together), channels swapped, polarity flipped, given a random EQ (`eq_db`),
-a gain drawn in dB (`gain_db_range`), whole examples reduced to one stem (`solo_prob`), and one target stem set
-at a random level over the rest (`level_over_rest_db`).
+(`repitch_semitones`, or `stem_repitch_semitones` per stem: pitch and tempo together), channels swapped, polarity
+flipped, given a random EQ (`eq_db`), a gain drawn in dB (`gain_db_range`), whole examples reduced to one stem
+(`solo_prob`), and one target stem set at a random level over the rest (`level_over_rest_db`).
 
 Example `index` is a pure function of `(seed, index)`: whichever worker or rank draws it, it is the same, so
 worker seeding, multi-process splits and exact resumption all reduce to "which indices come next"
@@ -132,7 +132,7 @@ class TrainingSegments(Dataset):
         if self.data.mix_different_tracks:
             # Distinct tracks for the stems whenever there are enough of them.
             picks = rng.choice(len(self.tracks), size=len(self.sources), replace=len(self.tracks) < len(self.sources))
-            stems = [self._active_segment(rng, stem, int(pick), self._speed(rng))
+            stems = [self._active_segment(rng, stem, int(pick), self._speed(rng, stem))
                      for stem, pick in zip(self.sources, picks)]
         else:
             stems = self._aligned_segments(rng, self._speed(rng))
@@ -156,9 +156,11 @@ class TrainingSegments(Dataset):
         mixture = stems.sum(axis=0)
         return torch.from_numpy(mixture), torch.from_numpy(stems[self.target_positions])
 
-    def _speed(self, rng: np.random.Generator) -> float:
-        """A playback speed for `repitch_semitones` (1 when off: then nothing is drawn, so older configs' examples
-        stay as they were)."""
+    def _speed(self, rng: np.random.Generator, stem: str | None = None) -> float:
+        """A playback speed for `stem_repitch_semitones` or `repitch_semitones` (1 when off: then nothing is drawn,
+        so older configs' examples stay as they were)."""
+        if stem in self.data.stem_repitch_semitones:
+            return 2 ** (rng.uniform(*self.data.stem_repitch_semitones[stem]) / 12)
         semitones = self.data.repitch_semitones
         return 2 ** (rng.uniform(-semitones, semitones) / 12) if semitones > 0 else 1.0
 

@@ -4,7 +4,7 @@ vocal-to-accompaniment level, the SDR improvement over the mixture: the estimate
 mixture taken as the estimate, for the vocals and for the accompaniment (`no_vocals`, the mixture minus the vocals
 estimate). A negative improvement means the model made that stem worse than doing nothing. Then each song's voice
 alone and accompaniment alone as the whole mixture: the uSDR of that stem's estimate (a track that is all one stem
-should come back nearly whole; 0 dB is as far off as silence).
+should come back nearly whole; 0 dB is as far off as silence), and the voice alone 4 semitones lower and higher.
 
     python scripts/generalisation.py --songs 8 --duration 15 --levels -6 0 6 12 --json results/generalisation.json
     python scripts/generalisation.py --model synth-4stem ...          # any --model / --checkpoint, as `separate`
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import soxr
 
 from bsmamba2.errors import BSMamba2Error
 from bsmamba2.metrics import usdr
@@ -28,6 +29,7 @@ from bsmamba2.separate import add_model_flags, load_separator
 
 SONGS = Path(__file__).resolve().parents[1] / "tools" / "procedural_songs.py"
 PEAK = 0.89  # every mixture's peak: −1 dBFS
+REPITCH = (-4, 4)  # semitones: the voice alone, also played this much lower and higher
 
 
 def load_songs_module():
@@ -70,15 +72,23 @@ def evaluate(separator, songs: list, levels: list, rate: int) -> dict:
 
 def one_stem_alone(separator, songs: list, rate: int) -> dict:
     """{"vocals": summary, "accompaniment": summary} of the uSDR of the vocals estimate when the mixture is the voice
-    alone, and of `no_vocals` when it is the accompaniment alone (each at a peak of −1 dBFS)."""
-    scores = {"vocals": [], "accompaniment": []}
+    alone, and of `no_vocals` when it is the accompaniment alone (each at a peak of −1 dBFS); and the same for the
+    voice alone played REPITCH semitones lower and higher (pitch and tempo together), to show how far a voice's
+    pitch decides whether the model takes it for a voice."""
+    scores = {"vocals": [], "accompaniment": [], **{f"vocals {shift:+g} st": [] for shift in REPITCH}}
     for stems in songs:
         accompaniment = sum(audio for stem, audio in stems.items() if stem != "vocals")
-        for name, alone, output in (("vocals", stems["vocals"], "vocals"),
-                                    ("accompaniment", accompaniment, "no_vocals")):
-            alone = (PEAK / np.max(np.abs(alone)) * alone).astype(np.float32)
-            scores[name].append(usdr(alone, separator.separate(alone, rate)[output]))
+        alone = [("vocals", stems["vocals"], "vocals"), ("accompaniment", accompaniment, "no_vocals")]
+        alone += [(f"vocals {shift:+g} st", repitch(stems["vocals"], shift, rate), "vocals") for shift in REPITCH]
+        for name, audio, output in alone:
+            audio = (PEAK / np.max(np.abs(audio)) * audio).astype(np.float32)
+            scores[name].append(usdr(audio, separator.separate(audio, rate)[output]))
     return {name: summary(values) for name, values in scores.items()}
+
+
+def repitch(audio: np.ndarray, semitones: float, rate: int) -> np.ndarray:
+    """(channels, samples) played 2^(semitones/12) times faster."""
+    return soxr.resample(audio.T, rate * 2 ** (semitones / 12), rate, quality="HQ").T
 
 
 def markdown(results: dict) -> str:
@@ -91,7 +101,9 @@ def markdown(results: dict) -> str:
     alone = results["alone"]
     lines.append(f"One stem alone as the mixture, uSDR of its estimate (dB): the voice {alone['vocals']['mean']:.2f} "
                  f"(lowest {alone['vocals']['min']:.2f}), the accompaniment {alone['accompaniment']['mean']:.2f} "
-                 f"(lowest {alone['accompaniment']['min']:.2f}).")
+                 f"(lowest {alone['accompaniment']['min']:.2f}); the voice repitched "
+                 + ", ".join(f"{shift:+g} semitones {alone[f'vocals {shift:+g} st']['mean']:.2f}" for shift in REPITCH)
+                 + ".")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import bsmamba2
-from bsmamba2.checkpoint import build_model, save_model
+from bsmamba2.checkpoint import build_model, moved_estimator_name, save_model
 from bsmamba2.errors import BSMamba2Error
 from bsmamba2.files import refuse_overwrite
 
@@ -42,7 +42,7 @@ def main() -> int:
                                 f"{', '.join(missing)})")
         model_config = dataclasses.replace(source.config.model, stems=args.stems)
         # each kept stem's estimator moves to that stem's place in the new order; the new stems' are left out
-        weights = {_move_estimator(name, source.stems, args.stems): tensor for name, tensor in weights.items()}
+        weights = {moved_estimator_name(name, source.stems, args.stems): tensor for name, tensor in weights.items()}
     else:
         model_config = dataclasses.replace(source.config.model, depth=source.config.model.depth + 1)
     torch.manual_seed(args.seed)  # the same source and seed always give the same grown weights
@@ -57,15 +57,6 @@ def main() -> int:
     print(f"{args.output}: depth {model_config.depth}, stems {','.join(model_config.stems)}, "
           f"{sum(p.numel() for p in grown.parameters()):,} parameters; fine-tune with --init {args.output} ({change})")
     return 0
-
-
-def _move_estimator(name: str, old_stems: list, new_stems: list) -> str:
-    """`mask_estimators.I.rest` → `mask_estimators.J.rest`, J the new place of old stem I; other names unchanged."""
-    prefix, _, rest = name.partition(".")
-    if prefix != "mask_estimators":
-        return name
-    index, _, rest = rest.partition(".")
-    return f"mask_estimators.{new_stems.index(old_stems[int(index)])}.{rest}"
 
 
 if __name__ == "__main__":

@@ -108,10 +108,11 @@ def test_generalisation_reports_the_improvement_per_level(tmp_path):
     every = [value for row in results["levels"].values() for stem in row.values() for value in stem["tracks"]]
     assert results["min_improvement_db"] == min(every) and np.isfinite(every).all()
     assert "| +12 dB |" in result.stdout
-    # the voice alone and the accompaniment alone: a score per song for the estimate of that stem
+    # the voice alone (also repitched) and the accompaniment alone: a score per song for the estimate of that stem
+    alone = ("vocals", "accompaniment", "vocals -4 st", "vocals +4 st")
     assert all(len(results["alone"][name]["tracks"]) == 1 and np.isfinite(results["alone"][name]["mean"])
-               for name in ("vocals", "accompaniment"))
-    assert "One stem alone as the mixture" in result.stdout
+               for name in alone)
+    assert "One stem alone as the mixture" in result.stdout and "the voice repitched -4 semitones" in result.stdout
 
 
 def test_generalisation_refuses_a_missing_checkpoint(tmp_path):

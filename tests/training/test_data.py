@@ -117,18 +117,39 @@ def test_repitch_changes_speed_within_range(data_root, mix_different_tracks):
     config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "gain_range": [1.0, 1.0],
                                                        "repitch_semitones": 3.0,
                                                        "mix_different_tracks": mix_different_tracks})
+    ratios = bass_repitch_semitones(config)
+    assert -3.1 < min(ratios) < -1 and 1 < max(ratios) < 3.1
+
+
+def bass_repitch_semitones(config, examples: int = 20) -> list[float]:
+    """How far the bass stem (a sine of 55 + 5·track Hz) was repitched in each example, in semitones."""
     dataset = TrainingSegments(split_tracks(config)[0], config)
     frames = round(config.data.segment_seconds * RATE)
     ratios = []
-    for index in range(20):
+    for index in range(examples):
         mixture, targets = dataset[index]
         assert targets.shape == (4, 2, frames)
         torch.testing.assert_close(targets.sum(0), mixture, rtol=0, atol=1e-6)
-        bass = targets[2, 0].numpy()  # a sine of 55 + 5·track Hz
+        bass = targets[2, 0].numpy()
         spectrum = np.abs(np.fft.rfft(bass * np.hanning(frames), n=16 * frames))
         peak_hz = np.argmax(spectrum) * RATE / (16 * frames)
         ratios.append(12 * np.log2(peak_hz / (55 + 5 * source_track(targets[2].numpy()))))
-    assert -3.1 < min(ratios) < -1 and 1 < max(ratios) < 3.1
+    return ratios
+
+
+def test_a_stem_can_have_a_repitch_range_of_its_own(data_root):
+    config = tiny_config(data_root, **ALL_STEMS, data={"silence_prob": 0.0, "gain_range": [1.0, 1.0],
+                                                       "repitch_semitones": 1.0,
+                                                       "stem_repitch_semitones": {"bass": [-6.0, -4.0]}})
+    ratios = bass_repitch_semitones(config)
+    assert -6.1 < min(ratios) and max(ratios) < -3.9 and max(ratios) - min(ratios) > 0.8
+    for stems, message in (({"guitar": [-1, 1]}, "'guitar' is not one of data.sources"),
+                           ({"bass": [2, -2]}, "bass: must be")):
+        with pytest.raises(BSMamba2Error, match=message):
+            tiny_config(data_root, **ALL_STEMS, data={"stem_repitch_semitones": stems})
+    with pytest.raises(BSMamba2Error, match="needs data.mix_different_tracks"):
+        tiny_config(data_root, **ALL_STEMS, data={"stem_repitch_semitones": {"bass": [-1, 1]},
+                                                  "mix_different_tracks": False})
 
 
 def test_random_eq_is_a_bounded_zero_phase_gain():
