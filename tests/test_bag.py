@@ -50,6 +50,24 @@ def test_each_stem_comes_from_its_member_and_survives_saving(tmp_path):
     torch.testing.assert_close(torch.from_numpy(separated["vocals"]), torch.from_numpy(alone["vocals"]))
 
 
+def test_the_last_member_can_share_what_the_others_leave_so_that_the_stems_sum_to_the_mixture(tmp_path):
+    vocals_model, rest_model = tiny_model(["vocals"], 0), tiny_model(["drums", "bass", "other"], 1)
+    plain = BagOfModels([vocals_model, rest_model], ["vocals", "drums", "bass", "other"])
+    sharing = BagOfModels([vocals_model, rest_model], ["bass", "vocals", "drums", "other"], last_shares_rest=True)
+    mixture = torch.randn(1, 2, 9000)
+    with torch.no_grad():
+        before, after = plain(mixture), sharing(mixture)
+    assert usdr(mixture.numpy(), before.sum(1).numpy()) < 20  # the members alone leave part of the mixture out
+    torch.testing.assert_close(after.sum(1), mixture, rtol=0, atol=1e-4)
+    torch.testing.assert_close(after[:, 1], before[:, 0], rtol=0, atol=0)  # the vocals stay the vocals model's
+    assert not torch.allclose(after[:, [2, 0, 3]], before[:, 1:], atol=1e-3)
+    save_model(sharing, tmp_path / "bag.ckpt")
+    loaded = load_model(tmp_path / "bag.ckpt")
+    assert loaded.last_shares_rest
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(mixture), after, rtol=0, atol=0)
+
+
 def test_a_bag_that_cannot_work_is_refused_in_one_line(tmp_path):
     vocals_model = tiny_model(["vocals"], 0)
     with pytest.raises(BSMamba2Error, match="must give each of its stems"):
@@ -77,6 +95,12 @@ def test_the_script_bags_the_stems_asked_for(tmp_path):
     bag, mixture = load_model(out), torch.randn(1, 2, 5000)
     with torch.no_grad():
         torch.testing.assert_close(bag(mixture)[:, 1:], other(mixture)[:, [1, 0]], rtol=0, atol=0)
+    assert not bag.last_shares_rest
+    sharing = subprocess.run([sys.executable, str(SCRIPT), str(out), "--force", "--last-shares-rest",
+                              f"{vocals_path}:vocals", f"{tmp_path / 'other.ckpt'}:drums,bass"],
+                             capture_output=True, text=True, timeout=120)
+    assert sharing.returncode == 0, sharing.stderr
+    assert load_model(out).last_shares_rest
     again = subprocess.run([sys.executable, str(SCRIPT), str(out), f"{vocals_path}:vocals"], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
@@ -87,7 +111,8 @@ def test_the_script_bags_the_stems_asked_for(tmp_path):
 
 
 def test_int8_and_the_onnx_export_take_a_bag(tmp_path):
-    bag = BagOfModels([tiny_model(["vocals"], 0), tiny_model(["drums"], 1)], ["vocals", "drums"])
+    bag = BagOfModels([tiny_model(["vocals"], 0), tiny_model(["drums", "bass"], 1)], ["vocals", "drums", "bass"],
+                      last_shares_rest=True)
     save_model(bag, tmp_path / "bag.ckpt")
     mixture = torch.randn(1, 2, 9000)
     int8 = load_model(tmp_path / "bag.ckpt", quantize="int8")
@@ -100,4 +125,4 @@ def test_int8_and_the_onnx_export_take_a_bag(tmp_path):
 
     assert export_onnx(bag, tmp_path / "bag.onnx") >= 60
     exported = Separator(tmp_path / "bag.onnx", device="cpu").separate(mixture[0].numpy(), bag.sample_rate)
-    assert list(exported) == ["vocals", "drums"]
+    assert list(exported) == ["vocals", "drums", "bass"]

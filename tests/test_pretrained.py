@@ -22,7 +22,7 @@ SYNTH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sy
 # uSDR per stem that the default model reaches on every synth-dev test song (unseen in training; measured on the
 # two songs: vocals 9.52 and 9.30 dB, drums 4.83 and 2.68, bass 5.57 and 4.35, other 4.30 and 4.11): a regression
 # guard for the weights and the whole separation path.
-MIN_USDR = {"vocals": 8.5, "drums": 2.0, "bass": 3.5, "other": 3.0}
+MIN_USDR = {"vocals": 8.5, "drums": 3.0, "bass": 3.5, "other": 3.5}
 FOUR_STEMS = ["vocals", "drums", "bass", "other"]
 
 
@@ -49,8 +49,8 @@ def test_separate_without_arguments_writes_every_stem_of_the_example(tmp_path):
         stems[stem], stem_rate = sf.read(folder / f"{stem}.wav", dtype="float32")
         assert stem_rate == rate and stems[stem].shape == mixture.shape
         assert 0.005 < np.sqrt(np.mean(stems[stem] ** 2)) < np.sqrt(np.mean(mixture ** 2)), stem
-    # masks are estimated per stem (by two networks), yet the stems add up to nearly the mixture (measured: 12.5 dB)
-    assert usdr(mixture, sum(stems.values())) > 6
+    # the drums, bass and other share what the vocals leave: the four add back up to the song (24-bit files)
+    np.testing.assert_allclose(sum(stems.values()), mixture, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -1,6 +1,11 @@
 """A bag of models: several BSMamba2 networks on one STFT, each stem taken from the network trained best for it, as
 demucs' htdemucs_ft takes each source from its own fine-tuned model. The bundled four-stem model is one: its vocals
-are the vocals model's, its drums, bass and other a four-stem network's.
+are the vocals model's, its drums, bass and other another network's.
+
+When the bag's stems make up the whole mixture (vocals, drums, bass, other), `last_shares_rest` makes them sum to
+it: the last member's stems share what the others leave of the mixture, each in proportion to its own estimate's
+magnitude in every time-frequency bin (the masks re-derived from the estimates, as a Wiener filter does, with
+magnitudes rather than powers). The others' stems stay as their members give them.
 
 A bag behaves as one model (`stems`, `config`, `sample_rate`, `forward`, `separate_spectrogram`), so separation,
 evaluation, int8 and ONNX export take it as they take a BSMamba2. Its `config` is its first member's with the bag's
@@ -18,10 +23,13 @@ from .bs_mamba2 import BSMamba2, through_spectrogram
 
 # The settings every member must share: one STFT of one mixture feeds them all.
 SHARED_AUDIO = ("sample_rate", "channels", "n_fft", "hop_length")
+# The least squared magnitude when sharing the rest: where all of the last member's estimates are silent, equal
+# shares rather than 0/0. (A clamp, not an added epsilon: the ONNX exporter dropped `+ 1e-24` as a no-op.)
+TINY_POWER = 1e-20
 
 
 class BagOfModels(nn.Module):
-    def __init__(self, members: list[BSMamba2], stems: list[str]):
+    def __init__(self, members: list[BSMamba2], stems: list[str], last_shares_rest: bool = False):
         super().__init__()
         given = [stem for member in members for stem in member.stems]
         if sorted(given) != sorted(stems) or len(set(given)) != len(given):
@@ -34,6 +42,7 @@ class BagOfModels(nn.Module):
                                     f"{', '.join('audio.' + key for key in differing)})")
         self.members = nn.ModuleList(members)
         self.stems = list(stems)
+        self.last_shares_rest = last_shares_rest
         self.order = [given.index(stem) for stem in stems]  # from the members' stems, in turn, to the bag's order
         self.config = copy.deepcopy(members[0].config)
         self.config.model.stems = list(stems)
@@ -50,6 +59,11 @@ class BagOfModels(nn.Module):
     def separate_spectrogram(self, spec: torch.Tensor) -> torch.Tensor:
         """As `BSMamba2.separate_spectrogram`: each member's stems, in the bag's order."""
         # the members return (t, f)-ordered memory seen as (f, t): joined in that order, so no copy reorders it
-        stems = torch.cat([member.separate_spectrogram(spec).transpose(3, 4) for member in self.members], dim=1)
+        outputs = [member.separate_spectrogram(spec).transpose(3, 4) for member in self.members]
+        if self.last_shares_rest:
+            rest = spec.transpose(2, 3) - sum(output.sum(dim=1) for output in outputs[:-1])  # (b, c, t, f, 2)
+            magnitudes = outputs[-1].square().sum(dim=-1, keepdim=True).clamp_min(TINY_POWER).sqrt()
+            outputs[-1] = magnitudes / magnitudes.sum(dim=1, keepdim=True) * rest.unsqueeze(1)
+        stems = torch.cat(outputs, dim=1)
         return stems[:, self.order].transpose(3, 4)
 
