@@ -4,7 +4,8 @@ vocal-to-accompaniment level, the SDR improvement over the mixture: the estimate
 mixture taken as the estimate, for the vocals and for the accompaniment (`no_vocals`, the mixture minus the vocals
 estimate). A negative improvement means the model made that stem worse than doing nothing. Then each song's voice
 alone and accompaniment alone as the whole mixture: the uSDR of that stem's estimate (a track that is all one stem
-should come back nearly whole; 0 dB is as far off as silence), and the voice alone 4 semitones lower and higher.
+should come back nearly whole; 0 dB is as far off as silence), the voice alone 4 semitones lower and higher, and
+which frequencies of the voice alone the model loses (the SNR of its estimate in each band).
 
     python scripts/generalisation.py --songs 8 --duration 15 --levels -6 0 6 12 --json results/generalisation.json
     python scripts/generalisation.py --model synth-4stem ...          # any --model / --checkpoint, as `separate`
@@ -30,6 +31,7 @@ from bsmamba2.separate import add_model_flags, load_separator
 SONGS = Path(__file__).resolve().parents[1] / "tools" / "procedural_songs.py"
 PEAK = 0.89  # every mixture's peak: −1 dBFS
 REPITCH = (-4, 4)  # semitones: the voice alone, also played this much lower and higher
+BAND_EDGES_HZ = (0, 150, 300, 600, 1200, 2400, 5000, 22050)  # the voice alone: the SNR of its estimate in each band
 
 
 def load_songs_module():
@@ -74,16 +76,35 @@ def one_stem_alone(separator, songs: list, rate: int) -> dict:
     """{"vocals": summary, "accompaniment": summary} of the uSDR of the vocals estimate when the mixture is the voice
     alone, and of `no_vocals` when it is the accompaniment alone (each at a peak of −1 dBFS); and the same for the
     voice alone played REPITCH semitones lower and higher (pitch and tempo together), to show how far a voice's
-    pitch decides whether the model takes it for a voice."""
+    pitch decides whether the model takes it for a voice; and the voice alone's SNR per band ("vocals by band")."""
     scores = {"vocals": [], "accompaniment": [], **{f"vocals {shift:+g} st": [] for shift in REPITCH}}
+    bands = []
     for stems in songs:
         accompaniment = sum(audio for stem, audio in stems.items() if stem != "vocals")
         alone = [("vocals", stems["vocals"], "vocals"), ("accompaniment", accompaniment, "no_vocals")]
         alone += [(f"vocals {shift:+g} st", repitch(stems["vocals"], shift, rate), "vocals") for shift in REPITCH]
         for name, audio, output in alone:
             audio = (PEAK / np.max(np.abs(audio)) * audio).astype(np.float32)
-            scores[name].append(usdr(audio, separator.separate(audio, rate)[output]))
-    return {name: summary(values) for name, values in scores.items()}
+            estimate = separator.separate(audio, rate)[output]
+            scores[name].append(usdr(audio, estimate))
+            if name == "vocals":
+                bands.append(band_snrs(audio, estimate, rate))
+    results = {name: summary(values) for name, values in scores.items()}
+    results["vocals by band"] = {f"{low}-{high} Hz": summary(values)
+                                 for low, high, values in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:], zip(*bands))}
+    return results
+
+
+def band_snrs(reference: np.ndarray, estimate: np.ndarray, rate: int) -> list:
+    """The SNR (dB) of `estimate` in each band of BAND_EDGES_HZ: the reference's energy there over the error's."""
+    frequencies = np.fft.rfftfreq(reference.shape[-1], 1 / rate)
+    reference_power = np.sum(np.abs(np.fft.rfft(reference)) ** 2, axis=0)
+    error_power = np.sum(np.abs(np.fft.rfft(reference - estimate)) ** 2, axis=0)
+    snrs = []
+    for low, high in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:]):
+        band = (frequencies >= low) & (frequencies < high)
+        snrs.append(10 * np.log10(max(reference_power[band].sum(), 1e-12) / max(error_power[band].sum(), 1e-12)))
+    return snrs
 
 
 def repitch(audio: np.ndarray, semitones: float, rate: int) -> np.ndarray:
@@ -104,6 +125,8 @@ def markdown(results: dict) -> str:
                  f"(lowest {alone['accompaniment']['min']:.2f}); the voice repitched "
                  + ", ".join(f"{shift:+g} semitones {alone[f'vocals {shift:+g} st']['mean']:.2f}" for shift in REPITCH)
                  + ".")
+    lines.append("The voice alone, SNR of its estimate per band, mean (lowest) in dB: " + ", ".join(
+        f"{band} {row['mean']:.1f} ({row['min']:.1f})" for band, row in alone["vocals by band"].items()) + ".")
     return "\n".join(lines)
 
 

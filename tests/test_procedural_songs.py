@@ -74,13 +74,36 @@ def test_spoken_phrases_at_the_song_rate(voice):
     assert np.sqrt(np.mean(phrase ** 2)) > 0.01
 
 
+def fundamental_period(tone: np.ndarray) -> int:
+    """The lag, in samples, of the autocorrelation's highest peak between 50 and 1000."""
+    segment = tone[: songs.RATE // 4]
+    return 50 + int(np.argmax([np.dot(segment[:-lag], segment[lag:]) for lag in range(50, 1000)]))
+
+
 def test_karplus_strong_pluck_sounds_at_its_pitch():
     tone = songs.pluck(220.0, songs.RATE, np.random.default_rng(0))
-    segment = tone[: songs.RATE // 4]
-    autocorrelation = [np.dot(segment[:-lag], segment[lag:]) for lag in range(50, 1000)]
-    assert abs(50 + np.argmax(autocorrelation) - songs.RATE / 220) <= 1.5   # periodic at 220 Hz's period
+    assert abs(fundamental_period(tone) - songs.RATE / 220) <= 1.5   # periodic at 220 Hz's period
     assert np.abs(tone[-1000:]).max() < 0.3 * np.abs(tone).max()  # it decays
 
+
+
+@pytest.mark.parametrize("instrument", [songs.partials_bass, songs.swept_bass, songs.driven_bass, songs.pulse_bass])
+def test_each_varied_bass_instrument_sounds_at_its_pitch(instrument):
+    for seed in range(3):  # three draws of the instrument's settings
+        tone = instrument(np.random.default_rng(seed))(110.0, songs.RATE // 2, np.random.default_rng(seed))
+        assert np.isfinite(tone).all() and np.sqrt(np.mean(tone ** 2)) > 0.01
+        assert abs(fundamental_period(tone) - songs.RATE / 110) <= 2
+
+
+def test_varied_bass_lines_play_more_notes_than_the_roots():
+    def pitches(bass: np.ndarray) -> set:  # the periods heard in each half-second that sounds
+        halves = bass[0].reshape(-1, songs.RATE // 2)
+        return {round(songs.RATE / fundamental_period(half)) for half in halves if np.abs(half).max() > 1e-3}
+    roots = [pitches(songs.render_song("synth", 5, index, 8.0, "sung")["bass"]) for index in range(6)]
+    varied = [pitches(songs.render_song("synth", 5, index, 8.0, "sung", "varied")["bass"]) for index in range(6)]
+    assert sum(map(len, varied)) > sum(map(len, roots))
+    with pytest.raises(ValueError, match="holdout"):
+        songs.render_song("holdout", 5, 0, 2.0, bass="varied")
 
 def test_mix_at_level_sets_the_vocal_level_exactly():
     rng = np.random.default_rng(1)
@@ -91,6 +114,16 @@ def test_mix_at_level_sets_the_vocal_level_exactly():
         assert np.abs(mixture).max() == pytest.approx(0.89, abs=1e-6)
         np.testing.assert_allclose(vocals + accompaniment, mixture, atol=1e-6)
 
+
+
+def test_band_snrs_say_which_frequencies_an_estimate_lost():
+    t = np.arange(songs.RATE) / songs.RATE
+    low, high = np.sin(2 * np.pi * 100 * t), 0.5 * np.sin(2 * np.pi * 1000 * t)
+    reference = np.stack([low + high, low + high])
+    estimate = np.stack([0.5 * low + high, 0.5 * low + high])  # half of the low tone's amplitude lost
+    snrs = dict(zip(generalisation.BAND_EDGES_HZ, generalisation.band_snrs(reference, estimate, songs.RATE)))
+    assert snrs[0] == pytest.approx(20 * np.log10(2), abs=0.01)   # 0-150 Hz: the error is half the tone
+    assert snrs[600] > 60                                           # 600-1200 Hz: kept exactly
 
 @pytest.mark.slow
 @needs_flite
@@ -113,6 +146,10 @@ def test_generalisation_reports_the_improvement_per_level(tmp_path):
     assert all(len(results["alone"][name]["tracks"]) == 1 and np.isfinite(results["alone"][name]["mean"])
                for name in alone)
     assert "One stem alone as the mixture" in result.stdout and "the voice repitched -4 semitones" in result.stdout
+    bands = results["alone"]["vocals by band"]
+    assert list(bands)[:2] == ["0-150 Hz", "150-300 Hz"] and len(bands) == len(generalisation.BAND_EDGES_HZ) - 1
+    assert all(len(band["tracks"]) == 1 and np.isfinite(band["mean"]) for band in bands.values())
+    assert "SNR of its estimate per band" in result.stdout
 
 
 def test_generalisation_refuses_a_missing_checkpoint(tmp_path):

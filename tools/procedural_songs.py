@@ -5,7 +5,10 @@ A second way of making songs beside tools/gen_multitrack.py (General MIDI soundf
 voices), in two families of instruments that share no sound source:
 
   synth     training songs: subtractive (band-limited saw or square through a low-pass), two-operator FM and
-            additive organ voices; a swept-sine kick, noise snare and hi-hat; a formant singer (glottal pulses
+            additive organ voices; with `--bass varied`, bass lines of six patterns (roots, root-fifth-octave,
+            walking, eighths, a repeated riff, held notes), an octave lower in some songs, on one of four more
+            bass instruments (additive partials decaying each at its own rate, a filter sweep, an overdriven
+            sine, a pulse); a swept-sine kick, noise snare and hi-hat; a formant singer (glottal pulses
             through vowel resonators, with vibrato and consonant noise) or voices spoken by festival (eleven
             diphone, unit-selection and HTS speakers of seven languages, from Debian's festvox packages; none of
             them a flite speaker); a room reverb on every stem.
@@ -14,7 +17,7 @@ voices), in two families of instruments that share no sound source:
             uses); dry, with other pans. Needs Debian's `flite`.
 
   python tools/procedural_songs.py OUT --tracks 100 --duration 30 --seed 5 [--family synth] [--subset train]
-         [--vocals mix|sung|spoken]
+         [--vocals mix|sung|spoken] [--bass roots|varied]
 
 Writes OUT/<subset>/proc_<family>_<seed>_<i>/{vocals,drums,bass,other,mixture}.wav (44.1 kHz stereo 16-bit,
 mixture = the sum of the stems sample-exactly); song i of seed s is drawn from the generator seeded [s, i], so any
@@ -36,6 +39,8 @@ RATE = 44100
 STEMS = ("vocals", "drums", "bass", "other")
 FAMILIES = ("synth", "holdout")
 VOCALS = ("mix", "sung", "spoken")  # the synth family's voices: the formant singer, festival speech, or either
+BASS = ("roots", "varied")  # the synth family's bass: the chord's root on the beat (the first renders), or more
+BASS_PATTERNS = ("roots", "root_fifth", "walking", "eighths", "riff", "held")
 # Festival's speakers (Debian: festival festvox-kdlpc16k festvox-italp16k festvox-itapc16k festvox-ca-ona-hts
 # festvox-czech-dita festvox-czech-machac festvox-czech-krb festvox-ru festvox-suopuhe-lj festvox-suopuhe-mv).
 FESTIVAL_VOICES = ("ked_diphone", "lp_diphone", "pc_diphone", "upc_ca_ona_hts", "czech_dita", "czech_krb",
@@ -149,6 +154,94 @@ def sung_syllable(frequency: float, n: int, rng, formant_scale: float) -> np.nda
     return voice
 
 
+# ---- synth family, --bass varied: one instrument a song, its settings drawn once -----------------------------------
+
+def partials_bass(rng):
+    """Additive partials, each decaying at its own rate (higher ones faster) and slightly stretched, as a plucked
+    or picked string's: from a round finger-style tone to a bright, clanky one."""
+    slope, peak, decay, damping = rng.uniform(0.6, 2.0), rng.integers(2, 9), rng.uniform(0.2, 3.0), rng.uniform(0.1, 2)
+    stretch = rng.uniform(0, 3e-4)
+
+    def voice(frequency: float, n: int, rng) -> np.ndarray:
+        t = np.arange(n) / RATE
+        out = np.zeros(n)
+        for k in range(1, int(8000 / frequency) + 1):
+            weight = k ** -slope * (1 + 2 * np.exp(-0.5 * (k - peak) ** 2))
+            out += weight * np.sin(2 * np.pi * k * frequency * np.sqrt(1 + stretch * k * k) * t) \
+                * np.exp(-t * (decay + damping * k))
+        return out * envelope(n, rng.uniform(0.002, 0.01), 0.03)
+    return voice
+
+
+def swept_bass(rng):
+    """A saw or square whose low-pass closes after each attack (bright to dark), with some drive: a synth bass."""
+    odd_only, bright, dark = rng.random() < 0.5, rng.uniform(8, 30), rng.uniform(1.5, 4)
+    sweep, drive = rng.uniform(0.03, 0.3), rng.uniform(1, 4)
+
+    def voice(frequency: float, n: int, rng) -> np.ndarray:
+        t = np.arange(n) / RATE
+        wave = harmonics(2 * np.pi * frequency * t, frequency, lambda k: (k % 2 or not odd_only) / k)
+        opening = np.exp(-t / sweep)
+        wave = lowpass(wave, dark * frequency) * (1 - opening) + lowpass(wave, bright * frequency) * opening
+        return np.tanh(drive * wave) * envelope(n, 0.003, 0.03, 0.8, 0.3)
+    return voice
+
+
+def driven_bass(rng):
+    """A sine and its octave through a tanh overdrive, then a low-pass: from warm to fuzzy."""
+    drive, octave, cutoff = rng.uniform(1.5, 8), rng.uniform(0, 0.6), rng.uniform(800, 4000)
+
+    def voice(frequency: float, n: int, rng) -> np.ndarray:
+        phase = 2 * np.pi * frequency * np.arange(n) / RATE
+        return lowpass(np.tanh(drive * (np.sin(phase) + octave * np.sin(2 * phase))), cutoff) \
+            * envelope(n, 0.005, 0.03, 0.7, 0.4)
+    return voice
+
+
+def pulse_bass(rng):
+    """A band-limited pulse of a random width, two slightly detuned: hollow to nasal."""
+    width, detune = rng.uniform(0.08, 0.5), rng.uniform(0, 0.006)
+
+    def voice(frequency: float, n: int, rng) -> np.ndarray:
+        phase = 2 * np.pi * frequency * np.arange(n) / RATE
+        wave = sum(harmonics(phase * (1 + d), frequency, lambda k: np.sin(np.pi * k * width) / k) for d in (0, detune))
+        return lowpass(wave, rng.uniform(4, 12) * frequency) * envelope(n, 0.004, 0.03, 0.75, 0.25)
+    return voice
+
+
+def bass_line(track: np.ndarray, rng, bars: int, beat: float, roots: list, degree) -> None:
+    """Places a bass line on `track`: `roots[bar]` is the bar's chord (a scale step), `degree(step, octave)` its
+    note. One pattern a song, or two taking turns every four bars."""
+    voice = [partials_bass, swept_bass, driven_bass, pulse_bass][rng.integers(4)](rng)
+    octave = -1 if rng.random() < 0.4 else 0
+    patterns = rng.choice(BASS_PATTERNS, size=2)
+    if rng.random() < 0.6:
+        patterns[1] = patterns[0]
+    riff = [None if rng.random() < 0.25 else int(rng.choice([0, 0, 0, 2, 4, 4, 7, -1, 5])) for _ in range(8)]
+    legato = rng.uniform(0.4, 1.0)
+    for bar in range(bars):
+        chord, following = roots[bar], roots[(bar + 1) % len(roots)]
+        pattern = patterns[bar // 4 % 2]
+        if pattern == "roots":
+            notes = [(position, chord, 1.0) for position in range(0, 4, int(rng.choice([1, 2])))]
+        elif pattern == "root_fifth":
+            notes = [(position, chord + step, 1.0) for position, step in enumerate((0, 4, 7, 4))]
+        elif pattern == "walking":
+            direction = 1 if following >= chord else -1
+            notes = [(position, chord + direction * position, 1.0) for position in range(3)]
+            notes.append((3, following - direction, 1.0))
+        elif pattern == "eighths":
+            notes = [(position / 2, chord + 7 * (rng.random() < 0.3), 0.5) for position in range(8)
+                     if rng.random() > 0.15]
+        elif pattern == "riff":
+            notes = [(position / 2, chord + step, 0.5) for position, step in enumerate(riff) if step is not None]
+        else:  # held
+            notes = [(0, chord, 4.0)] if rng.random() < 0.5 else [(0, chord, 2.0), (2, chord + 4, 2.0)]
+        for position, step, length in notes:
+            sound = voice(midi_hz(degree(step, octave)), int(length * legato * beat * RATE), rng)
+            place(track, (bar * 4 + position) * beat, sound, 0.5)
+
+
 # ---- holdout family: instruments ----------------------------------------------------------------------------------
 
 def pluck(frequency: float, n: int, rng, brightness: float = 1.0) -> np.ndarray:
@@ -230,9 +323,12 @@ def reverb(stereo: np.ndarray, rng) -> np.ndarray:
     return stereo + wet * tails * np.sqrt(np.mean(stereo ** 2) / max(np.mean(tails ** 2), 1e-12))
 
 
-def render_song(family: str, seed: int, index: int, duration: float, vocals: str = "mix") -> dict:
+def render_song(family: str, seed: int, index: int, duration: float, vocals: str = "mix", bass: str = "roots") -> dict:
     """The four stems of song `index` of `seed`, {stem: float64 (2, samples)}, before any level normalisation.
-    `vocals` chooses the synth family's voice (the holdout family's is always spoken by flite)."""
+    `vocals` and `bass` choose the synth family's voice and bass (the holdout family's are always flite's speech
+    and plucked roots)."""
+    if family == "holdout" and bass != "roots":
+        raise ValueError("the holdout family's bass is always its plucked roots")
     rng = np.random.default_rng([seed, index, FAMILIES.index(family)])
     # its own generator, so that a sung song is the same whichever `vocals` chose it
     voice_rng = np.random.default_rng([seed, index, 7])
@@ -273,13 +369,18 @@ def render_song(family: str, seed: int, index: int, duration: float, vocals: str
         else:
             for note in notes:
                 place(mono["other"], start, chord_voice(midi_hz(note), int(4 * beat * RATE), rng), 0.25)
-        for step in range(0, 4, 1 if rng.random() < 0.5 else 2):
-            place(mono["bass"], start + step * beat, bass_voice(midi_hz(degree(chord)), int(beat * RATE), rng), 0.5)
+        if bass == "roots":
+            for step in range(0, 4, 1 if rng.random() < 0.5 else 2):
+                place(mono["bass"], start + step * beat, bass_voice(midi_hz(degree(chord)), int(beat * RATE), rng),
+                      0.5)
         for step in range(8):
             hit = [name for name, on in (("kick", step in (0, 4) or rng.random() < 0.1),
                                          ("snare", step in (2, 6)), ("hat", rng.random() < 0.8)) if on]
             for name in hit:
                 place(mono["drums"], start + step * beat / 2, drum_voices[name](int(0.4 * RATE), rng), 0.6)
+    if bass == "varied":
+        bass_line(mono["bass"], np.random.default_rng([seed, index, 11]), bars, beat,
+                  [progression[bar % len(progression)] for bar in range(bars)], degree)
     vocal_bars = rng.random(bars) < rng.uniform(0.4, 0.9)
     if family == "synth" and vocals == "sung":
         formant_scale = rng.choice([1.0, 1.17])  # male or female vocal tract
@@ -336,13 +437,14 @@ def main(argv=None) -> None:
     parser.add_argument("--family", choices=FAMILIES, default="synth")
     parser.add_argument("--subset", default="train")
     parser.add_argument("--vocals", choices=VOCALS, default="mix", help="the synth family's voices (default: mix)")
+    parser.add_argument("--bass", choices=BASS, default="roots", help="the synth family's bass lines (default: roots)")
     args = parser.parse_args(argv)
     for index in range(args.first, args.first + args.tracks):
         name = f"proc_{args.family}_{args.seed}_{index:05d}"
         folder = Path(args.out) / args.subset / name
         if (folder / "mixture.wav").exists():
             continue
-        stems = render_song(args.family, args.seed, index, args.duration, args.vocals)
+        stems = render_song(args.family, args.seed, index, args.duration, args.vocals, args.bass)
         write_song(folder, stems, np.random.default_rng([args.seed, index, 99]))
         print(f"{name}: ok", flush=True)
 
