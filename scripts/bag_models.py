@@ -4,7 +4,7 @@ htdemucs_ft takes each source from its own fine-tuned model (`bsmamba2.models.ba
 and the stems taken from it; the bag's stems are in the order given.
 
     python scripts/bag_models.py bsmamba2/pretrained/synth_4stem.ckpt --half --last-shares-rest --force \\
-        bsmamba2/pretrained/synth_vocals.ckpt:vocals runs/dbo8/best.ckpt:drums,bass,other
+        bsmamba2/pretrained/synth_vocals.ckpt:vocals runs/dbo10/best.ckpt:drums,bass,other
 
 A member keeps the mask estimators of its stems only. The members must share their audio settings (one STFT feeds
 them all).

@@ -22,7 +22,7 @@ SYNTH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sy
 # uSDR per stem that the default model reaches on every synth-dev test song (unseen in training; what it measures
 # on the two songs: its model card, "Scores"), less a margin of about half a dB or more: a regression guard for the
 # weights and the whole separation path.
-MIN_USDR = {"vocals": 8.5, "drums": 3.5, "bass": 4.0, "other": 4.0}
+MIN_USDR = {"vocals": 8.5, "drums": 3.5, "bass": 4.0, "other": 3.9}
 FOUR_STEMS = ["vocals", "drums", "bass", "other"]
 
 
