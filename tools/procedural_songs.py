@@ -209,9 +209,9 @@ def pulse_bass(rng):
     return voice
 
 
-def bass_line(track: np.ndarray, rng, bars: int, beat: float, roots: list, degree) -> None:
-    """Places a bass line on `track`: `roots[bar]` is the bar's chord (a scale step), `degree(step, octave)` its
-    note. One pattern a song, or two taking turns every four bars."""
+def bass_line(track: np.ndarray, rng, bars: int, beat: float, chords: list, degree) -> None:
+    """Places a bass line on `track`: `chords[bar]` is the bar's chord (its root's scale step), `degree(step,
+    octave)` a step's note. One pattern a song, or two taking turns every four bars."""
     voice = [partials_bass, swept_bass, driven_bass, pulse_bass][rng.integers(4)](rng)
     octave = -1 if rng.random() < 0.4 else 0
     patterns = rng.choice(BASS_PATTERNS, size=2)
@@ -220,7 +220,7 @@ def bass_line(track: np.ndarray, rng, bars: int, beat: float, roots: list, degre
     riff = [None if rng.random() < 0.25 else int(rng.choice([0, 0, 0, 2, 4, 4, 7, -1, 5])) for _ in range(8)]
     legato = rng.uniform(0.4, 1.0)
     for bar in range(bars):
-        chord, following = roots[bar], roots[(bar + 1) % len(roots)]
+        chord, following = chords[bar], chords[(bar + 1) % len(chords)]
         pattern = patterns[bar // 4 % 2]
         if pattern == "roots":
             notes = [(position, chord, 1.0) for position in range(0, 4, int(rng.choice([1, 2])))]
