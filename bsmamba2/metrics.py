@@ -36,6 +36,19 @@ def usdr(reference: np.ndarray, estimate: np.ndarray, delta: float = USDR_DELTA)
     return float(10 * np.log10(signal / distortion))
 
 
+
+def band_snrs(reference: np.ndarray, estimate: np.ndarray, sample_rate: int, edges_hz) -> list:
+    """The SNR (dB) of `estimate` in each band between consecutive `edges_hz`: the reference's energy there over the
+    error's; (channels, samples) arrays. Where a stem's estimate goes wrong, in frequency."""
+    frequencies = np.fft.rfftfreq(reference.shape[-1], 1 / sample_rate)
+    reference_power = np.sum(np.abs(np.fft.rfft(reference)) ** 2, axis=0)
+    error_power = np.sum(np.abs(np.fft.rfft(reference - estimate)) ** 2, axis=0)
+    snrs = []
+    for low, high in zip(edges_hz, edges_hz[1:]):
+        band = (frequencies >= low) & (frequencies < high)
+        snrs.append(float(10 * np.log10(max(reference_power[band].sum(), 1e-12) / max(error_power[band].sum(), 1e-12))))
+    return snrs
+
 def museval_missing_reason() -> Optional[str]:
     """Why cSDR cannot be computed here, or None when museval imports."""
     try:

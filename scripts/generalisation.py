@@ -25,7 +25,7 @@ import numpy as np
 import soxr
 
 from bsmamba2.errors import BSMamba2Error
-from bsmamba2.metrics import usdr
+from bsmamba2.metrics import band_snrs, usdr
 from bsmamba2.separate import add_model_flags, load_separator
 
 SONGS = Path(__file__).resolve().parents[1] / "tools" / "procedural_songs.py"
@@ -88,23 +88,11 @@ def one_stem_alone(separator, songs: list, rate: int) -> dict:
             estimate = separator.separate(audio, rate)[output]
             scores[name].append(usdr(audio, estimate))
             if name == "vocals":
-                bands.append(band_snrs(audio, estimate, rate))
+                bands.append(band_snrs(audio, estimate, rate, BAND_EDGES_HZ))
     results = {name: summary(values) for name, values in scores.items()}
     results["vocals by band"] = {f"{low}-{high} Hz": summary(values)
                                  for low, high, values in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:], zip(*bands))}
     return results
-
-
-def band_snrs(reference: np.ndarray, estimate: np.ndarray, rate: int) -> list:
-    """The SNR (dB) of `estimate` in each band of BAND_EDGES_HZ: the reference's energy there over the error's."""
-    frequencies = np.fft.rfftfreq(reference.shape[-1], 1 / rate)
-    reference_power = np.sum(np.abs(np.fft.rfft(reference)) ** 2, axis=0)
-    error_power = np.sum(np.abs(np.fft.rfft(reference - estimate)) ** 2, axis=0)
-    snrs = []
-    for low, high in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:]):
-        band = (frequencies >= low) & (frequencies < high)
-        snrs.append(10 * np.log10(max(reference_power[band].sum(), 1e-12) / max(error_power[band].sum(), 1e-12)))
-    return snrs
 
 
 def repitch(audio: np.ndarray, semitones: float, rate: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 from bsmamba2.errors import BSMamba2Error
-from bsmamba2.metrics import csdr, score_track, usdr
+from bsmamba2.metrics import band_snrs, csdr, score_track, usdr
 
 RATE = 8000  # cSDR frames are 1 s = RATE samples; a low rate keeps museval fast
 
@@ -156,3 +156,14 @@ def test_a_single_stem_scores_as_musdb_scores_vocals_with_accompaniment(tmp_path
     frames = next(target["frames"] for target in store.scores["targets"] if target["name"] == "vocals")
     assert len(frames) == 3
     assert ours == pytest.approx(float(np.nanmedian([float(f["metrics"]["SDR"]) for f in frames])), abs=1e-4)
+
+
+def test_band_snrs_say_which_frequencies_an_estimate_lost():
+    rate = 44100
+    t = np.arange(rate) / rate
+    low, high = np.sin(2 * np.pi * 100 * t), 0.5 * np.sin(2 * np.pi * 1000 * t)
+    reference = np.stack([low + high, low + high])
+    estimate = np.stack([0.5 * low + high, 0.5 * low + high])  # half of the low tone's amplitude lost
+    below_150, _, around_1000, _ = band_snrs(reference, estimate, rate, (0, 150, 600, 1200, 22050))
+    assert below_150 == pytest.approx(20 * np.log10(2), abs=0.01)   # the error is half the tone
+    assert around_1000 > 60                                         # kept exactly
