@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bsmamba2.config import DataConfig
 from bsmamba2.errors import BSMamba2Error
 from bsmamba2.metrics import band_snrs, usdr
 from bsmamba2.separate import add_model_flags, load_separator
@@ -51,12 +52,12 @@ def mean_figures(rows: list) -> dict:
 
 
 def markdown(figures: dict) -> str:
-    stems = list(figures)
+    sources = list(next(iter(figures.values()))["error"])
     bands = [f"{low}-{high} Hz" for low, high in zip(BAND_EDGES_HZ, BAND_EDGES_HZ[1:])]
-    lines = ["| stem | uSDR | level | " + " | ".join(f"error: {name}" for name in stems) + " | artifacts | "
-             + " | ".join(bands) + " |", "|---" * (4 + len(stems) + len(bands)) + "|"]
+    lines = ["| stem | uSDR | level | " + " | ".join(f"error: {name}" for name in sources) + " | artifacts | "
+             + " | ".join(bands) + " |", "|---" * (4 + len(sources) + len(bands)) + "|"]
     for stem, row in figures.items():
-        cells = [row["usdr"], row["level"], *(row["error"][name] for name in stems), row["artifacts"], *row["bands"]]
+        cells = [row["usdr"], row["level"], *(row["error"][name] for name in sources), row["artifacts"], *row["bands"]]
         lines.append(f"| {stem} | " + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
     return "\n".join(lines)
 
@@ -78,9 +79,11 @@ def main(argv=None) -> int:
     for track in tracks:
         rate = stem_info(track, "mixture").sample_rate
         estimates = separator.separate(read_stem(track, "mixture"), rate)
-        references = {stem: read_stem(track, stem) for stem in estimates if has_stem(track, stem)}
+        # the error is fitted over every true stem the track has, also those the model does not estimate
+        sources = dict.fromkeys([*DataConfig().sources, *estimates])
+        references = {stem: read_stem(track, stem) for stem in sources if has_stem(track, stem)}
         per_track[track.name] = {stem: stem_errors(references, stem, estimates[stem], rate)
-                                 for stem in references if np.any(references[stem])}
+                                 for stem in estimates if stem in references and np.any(references[stem])}
     stems = list(next(iter(per_track.values())))
     figures = {stem: mean_figures([row[stem] for row in per_track.values() if stem in row]) for stem in stems}
     print(markdown(figures))

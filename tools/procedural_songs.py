@@ -581,8 +581,9 @@ def render_song(family: str, seed: int, index: int, duration: float, vocals: str
             return pluck(frequency, length, generator, 0.2)
         drum_voices = {"kick": tom, "snare": clave, "hat": shaker}
     arpeggio = rng.random() < 0.5
+    chords = [progression[bar % len(progression)] for bar in range(bars)]  # each bar's chord (its root's step)
     for bar in range(bars):
-        chord = progression[bar % len(progression)]
+        chord = chords[bar]
         start = bar * 4 * beat
         notes = [degree(chord + offset, 1) for offset in (0, 2, 4)]
         if other == "chords" and arpeggio:
@@ -596,12 +597,11 @@ def render_song(family: str, seed: int, index: int, duration: float, vocals: str
             for step in range(0, 4, 1 if rng.random() < 0.5 else 2):
                 place(mono["bass"], start + step * beat, bass_voice(midi_hz(degree(chord)), int(beat * RATE), rng),
                       0.5)
-        for step in range(8 if drums == "eighths" else 0):
+        for step in range(8 if drums == "eighths" else 0):  # the varied drums come after the loop
             hit = [name for name, on in (("kick", step in (0, 4) or rng.random() < 0.1),
                                          ("snare", step in (2, 6)), ("hat", rng.random() < 0.8)) if on]
             for name in hit:
                 place(mono["drums"], start + step * beat / 2, drum_voices[name](int(0.4 * RATE), rng), 0.6)
-    chords = [progression[bar % len(progression)] for bar in range(bars)]
     # each varied part draws from its own generator, after the rest, so that the first choices render as they did
     if bass == "varied":
         bass_line(mono["bass"], np.random.default_rng([seed, index, 11]), bars, beat, chords, degree)
