@@ -8,7 +8,8 @@ Separation-Training's `bs_mamba2_vocals.ckpt`) hold the same parameter names, po
 config.
 
 A bag of models (`bsmamba2.models.bag`) is a torch.save dict of `stems` (the bag's, in order), `members`, a list
-of such checkpoints, each a `config` and a `model`, and `last_shares_rest` (absent: false).
+of such checkpoints, each a `config` and a `model`, and `sharing_members` (absent: 0; bags saved before it have
+`last_shares_rest`, true for 1).
 
 Checkpoints are data: nothing in one is ever run, and what one makes us allocate is bounded by its size. torch
 files are read by a restricted unpickler that rebuilds tensors, containers and plain values and turns every other
@@ -138,16 +139,16 @@ def _load_bag(payload: dict, source) -> BagOfModels:
         raise BSMamba2Error(f"checkpoint {source}: a bag's members must each hold a config and weights")
     if not isinstance(stems, list) or not all(isinstance(stem, str) for stem in stems):
         raise BSMamba2Error(f"checkpoint {source}: a bag must list its stems")
-    last_shares_rest = payload.get("last_shares_rest", False)
-    if not isinstance(last_shares_rest, bool):
-        raise BSMamba2Error(f"checkpoint {source}: a bag's last_shares_rest must be true or false")
+    sharing_members = payload.get("sharing_members", int(payload.get("last_shares_rest", False) is True))
+    if not isinstance(sharing_members, int) or isinstance(sharing_members, bool):
+        raise BSMamba2Error(f"checkpoint {source}: a bag's sharing_members must be a whole number")
     models = []
     for number, member in enumerate(members):
         model = build_model(Config.from_dict(member["config"], source=f"member {number} of {source}"))
         model.load_state_dict(find_state_dict(member, model, f"{source} (member {number})"))
         models.append(model)
     try:
-        return BagOfModels(models, stems, last_shares_rest)
+        return BagOfModels(models, stems, sharing_members)
     except BSMamba2Error as error:
         raise BSMamba2Error(f"checkpoint {source}: {error}") from None
 
@@ -451,7 +452,7 @@ def save_model(model: Union[BSMamba2, BagOfModels], path: Union[str, Path], half
     if isinstance(model, BagOfModels):
         if safetensors_file:
             raise BSMamba2Error(f"{path}: a bag of models is saved as a torch checkpoint (.ckpt), not .safetensors")
-        atomic_save({"stems": model.stems, "last_shares_rest": model.last_shares_rest,
+        atomic_save({"stems": model.stems, "sharing_members": model.sharing_members,
                      "members": [{"config": member.config.to_dict(), "model": _stored_weights(member, half)}
                                  for member in model.members]}, path)
         return

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Make a bag of models: one checkpoint whose stems each come from the model trained best for them, as demucs'
 htdemucs_ft takes each source from its own fine-tuned model (`bsmamba2.models.bag`). Each member is a checkpoint
-and the stems taken from it; the bag's stems are in the order given.
+and the stems taken from it; the bag's stems are in the order given, or in that of --stems.
 
-    python scripts/bag_models.py bsmamba2/pretrained/synth_4stem.ckpt --half --last-shares-rest --force \\
-        bsmamba2/pretrained/synth_vocals.ckpt:vocals runs/dbo10/best.ckpt:drums,bass,other
+    python scripts/bag_models.py bsmamba2/pretrained/synth_4stem.ckpt --half --sharing-members 2 --force \\
+        --stems vocals,drums,bass,other bsmamba2/pretrained/synth_vocals.ckpt:vocals runs/bass14/best.ckpt:bass \\
+        runs/dbo10/best.ckpt:drums,other
 
 A member keeps the mask estimators of its stems only. The members must share their audio settings (one STFT feeds
 them all).
@@ -33,14 +34,17 @@ def main() -> int:
     parser.add_argument("members", nargs="+", type=member, metavar="CHECKPOINT:STEMS",
                         help="a checkpoint (anything bsmamba2.load_model reads) and the stems it gives")
     parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the file)")
-    parser.add_argument("--last-shares-rest", action="store_true",
-                        help="the last member's stems share what the others leave of the mixture, so that the stems "
-                             "sum to it (for a bag whose stems make up the whole mix)")
+    parser.add_argument("--sharing-members", type=int, default=0, metavar="N",
+                        help="the last N members' stems share what the others leave of the mixture, so that the "
+                             "stems sum to it (for a bag whose stems make up the whole mix)")
+    parser.add_argument("--stems", type=lambda text: text.split(","), metavar="STEM,STEM...",
+                        help="the bag's stems in this order (default: in the members' order)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args()
     refuse_overwrite(args.output, args.force)
     members = [keep_stems(bsmamba2.load_model(path), stems) for path, stems in args.members]
-    bag = BagOfModels(members, [stem for _, stems in args.members for stem in stems], args.last_shares_rest)
+    given = [stem for _, stems in args.members for stem in stems]
+    bag = BagOfModels(members, args.stems or given, args.sharing_members)
     save_model(bag, args.output, half=args.half)
     print(f"{args.output}: stems {', '.join(bag.stems)} from {len(members)} models, "
           f"{sum(p.numel() for p in bag.parameters()):,} parameters, {Path(args.output).stat().st_size / 1e6:.1f} MB")

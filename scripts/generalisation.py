@@ -2,7 +2,9 @@
 """Does a model help on songs unlike its training songs, at every vocal level? For each song and each
 vocal-to-accompaniment level, the SDR improvement over the mixture: the estimate's uSDR minus that of the untouched
 mixture taken as the estimate, for the vocals and for the accompaniment (`no_vocals`, the mixture minus the vocals
-estimate). A negative improvement means the model made that stem worse than doing nothing. Then each song's voice
+estimate). A negative improvement means the model made that stem worse than doing nothing. Beside it, the vocal
+level the model hears (its vocals estimate over its `no_vocals`, in dB): where that barely follows the true level, no
+rule keyed on the model's own estimates can tell a loud voice it misses from a quiet one. Then each song's voice
 alone and accompaniment alone as the whole mixture: the uSDR of that stem's estimate (a track that is all one stem
 should come back nearly whole; 0 dB is as far off as silence), the voice alone 4 semitones lower and higher, and
 which frequencies of the voice alone the model loses (the SNR of its estimate in each band).
@@ -44,7 +46,8 @@ def load_songs_module():
 def mix_at_level(stems: dict, level_db: float) -> tuple:
     """(vocals, accompaniment, mixture) with vocals over accompaniment at `level_db`, mixture peak at −1 dBFS."""
     accompaniment = sum(audio for stem, audio in stems.items() if stem != "vocals")
-    vocals = stems["vocals"] * np.sqrt(10 ** (level_db / 10) * np.sum(accompaniment ** 2) / np.sum(stems["vocals"] ** 2))
+    gain = np.sqrt(10 ** (level_db / 10) * np.sum(accompaniment ** 2) / np.sum(stems["vocals"] ** 2))
+    vocals = gain * stems["vocals"]
     scale = PEAK / np.max(np.abs(vocals + accompaniment))
     vocals, accompaniment = (scale * vocals).astype(np.float32), (scale * accompaniment).astype(np.float32)
     return vocals, accompaniment, vocals + accompaniment
@@ -55,21 +58,29 @@ def summary(values: list) -> dict:
             "tracks": [round(float(value), 2) for value in values]}
 
 
+def heard_level_db(estimates: dict) -> float:
+    """The vocal level the model hears: its vocals estimate's energy over its `no_vocals`', in dB."""
+    return float(10 * np.log10(np.sum(estimates["vocals"] ** 2) / np.sum(estimates["no_vocals"] ** 2)))
+
+
 def evaluate(separator, songs: list, levels: list, rate: int) -> dict:
-    """{level: {"vocals": summary, "accompaniment": summary}} of the SDR improvements, and the overall figures."""
-    table = {}
+    """{level: {"vocals": summary, "accompaniment": summary}} of the SDR improvements, the overall figures, and
+    {level: summary} of the vocal level the model hears."""
+    table, heard = {}, {}
     for level in levels:
-        gains = {"vocals": [], "accompaniment": []}
+        gains, heard_levels = {"vocals": [], "accompaniment": []}, []
         for stems in songs:
             vocals, accompaniment, mixture = mix_at_level(stems, level)
             estimates = separator.separate(mixture, rate)
             for name, reference, estimate in (("vocals", vocals, estimates["vocals"]),
                                               ("accompaniment", accompaniment, estimates["no_vocals"])):
                 gains[name].append(usdr(reference, estimate) - usdr(reference, mixture))
+            heard_levels.append(heard_level_db(estimates))
         table[f"{level:+g} dB"] = {name: summary(values) for name, values in gains.items()}
+        heard[f"{level:+g} dB"] = summary(heard_levels)
     every = [value for row in table.values() for stem in row.values() for value in stem["tracks"]]
     return {"levels": table, "mean_improvement_db": round(float(np.mean(every)), 2),
-            "min_improvement_db": round(float(np.min(every)), 2)}
+            "min_improvement_db": round(float(np.min(every)), 2), "heard_level_db": heard}
 
 
 def one_stem_alone(separator, songs: list, rate: int) -> dict:
@@ -101,10 +112,13 @@ def repitch(audio: np.ndarray, semitones: float, rate: int) -> np.ndarray:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| vocal level | vocals: mean (min) | accompaniment: mean (min) |", "|---|---|---|"]
+    lines = ["| vocal level | vocals: mean (min) | accompaniment: mean (min) | level heard: mean (min to max) |",
+             "|---|---|---|---|"]
     for level, row in results["levels"].items():
+        heard = results["heard_level_db"][level]
         lines.append(f"| {level} | {row['vocals']['mean']:+.2f} ({row['vocals']['min']:+.2f}) | "
-                     f"{row['accompaniment']['mean']:+.2f} ({row['accompaniment']['min']:+.2f}) |")
+                     f"{row['accompaniment']['mean']:+.2f} ({row['accompaniment']['min']:+.2f}) | "
+                     f"{heard['mean']:+.1f} ({heard['min']:+.1f} to {max(heard['tracks']):+.1f}) |")
     lines.append(f"\nSDR improvement over the mixture (dB), mean over every track and stem "
                  f"{results['mean_improvement_db']:+.2f}, lowest {results['min_improvement_db']:+.2f}.")
     alone = results["alone"]

@@ -50,10 +50,10 @@ def test_each_stem_comes_from_its_member_and_survives_saving(tmp_path):
     torch.testing.assert_close(torch.from_numpy(separated["vocals"]), torch.from_numpy(alone["vocals"]))
 
 
-def test_the_last_member_can_share_what_the_others_leave_so_that_the_stems_sum_to_the_mixture(tmp_path):
+def test_the_last_members_can_share_what_the_others_leave_so_that_the_stems_sum_to_the_mixture(tmp_path):
     vocals_model, rest_model = tiny_model(["vocals"], 0), tiny_model(["drums", "bass", "other"], 1)
     plain = BagOfModels([vocals_model, rest_model], ["vocals", "drums", "bass", "other"])
-    sharing = BagOfModels([vocals_model, rest_model], ["bass", "vocals", "drums", "other"], last_shares_rest=True)
+    sharing = BagOfModels([vocals_model, rest_model], ["bass", "vocals", "drums", "other"], sharing_members=1)
     mixture = torch.randn(1, 2, 9000)
     with torch.no_grad():
         before, after = plain(mixture), sharing(mixture)
@@ -63,9 +63,21 @@ def test_the_last_member_can_share_what_the_others_leave_so_that_the_stems_sum_t
     assert not torch.allclose(after[:, [2, 0, 3]], before[:, 1:], atol=1e-3)
     save_model(sharing, tmp_path / "bag.ckpt")
     loaded = load_model(tmp_path / "bag.ckpt")
-    assert loaded.last_shares_rest
+    assert loaded.sharing_members == 1
     with torch.no_grad():
         torch.testing.assert_close(loaded(mixture), after, rtol=0, atol=0)
+    # a bag saved before `sharing_members` says `last_shares_rest`
+    payload = torch.load(tmp_path / "bag.ckpt")
+    payload["last_shares_rest"] = payload.pop("sharing_members") == 1
+    torch.save(payload, tmp_path / "old.ckpt")
+    assert load_model(tmp_path / "old.ckpt").sharing_members == 1
+    # the rest shared by two members: as by one member that gives their stems, whichever gives which
+    split = BagOfModels([vocals_model, keep_stems(rest_model, ["bass"]), keep_stems(rest_model, ["drums", "other"])],
+                        ["bass", "vocals", "drums", "other"], sharing_members=2)
+    with torch.no_grad():
+        torch.testing.assert_close(split(mixture), after, rtol=0, atol=1e-5)
+    with pytest.raises(BSMamba2Error, match="cannot have 3 sharing the rest"):
+        BagOfModels([vocals_model, rest_model], ["vocals", "drums", "bass", "other"], sharing_members=3)
 
 
 def test_a_bag_that_cannot_work_is_refused_in_one_line(tmp_path):
@@ -95,12 +107,12 @@ def test_the_script_bags_the_stems_asked_for(tmp_path):
     bag, mixture = load_model(out), torch.randn(1, 2, 5000)
     with torch.no_grad():
         torch.testing.assert_close(bag(mixture)[:, 1:], other(mixture)[:, [1, 0]], rtol=0, atol=0)
-    assert not bag.last_shares_rest
-    sharing = subprocess.run([sys.executable, str(SCRIPT), str(out), "--force", "--last-shares-rest",
-                              f"{vocals_path}:vocals", f"{tmp_path / 'other.ckpt'}:drums,bass"],
-                             capture_output=True, text=True, timeout=120)
+    assert bag.sharing_members == 0
+    sharing = subprocess.run([sys.executable, str(SCRIPT), str(out), "--force", "--sharing-members", "1",
+                              "--stems", "bass,vocals,drums", f"{vocals_path}:vocals",
+                              f"{tmp_path / 'other.ckpt'}:drums,bass"], capture_output=True, text=True, timeout=120)
     assert sharing.returncode == 0, sharing.stderr
-    assert load_model(out).last_shares_rest
+    assert load_model(out).sharing_members == 1 and load_model(out).stems == ["bass", "vocals", "drums"]
     again = subprocess.run([sys.executable, str(SCRIPT), str(out), f"{vocals_path}:vocals"], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode != 0 and "already exists (use --force to overwrite)" in again.stderr
@@ -112,7 +124,7 @@ def test_the_script_bags_the_stems_asked_for(tmp_path):
 
 def test_int8_and_the_onnx_export_take_a_bag(tmp_path):
     bag = BagOfModels([tiny_model(["vocals"], 0), tiny_model(["drums", "bass"], 1)], ["vocals", "drums", "bass"],
-                      last_shares_rest=True)
+                      sharing_members=1)
     save_model(bag, tmp_path / "bag.ckpt")
     mixture = torch.randn(1, 2, 9000)
     int8 = load_model(tmp_path / "bag.ckpt", quantize="int8")

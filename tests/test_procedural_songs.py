@@ -155,6 +155,13 @@ def test_mix_at_level_sets_the_vocal_level_exactly():
         np.testing.assert_allclose(vocals + accompaniment, mixture, atol=1e-6)
 
 
+def test_the_level_heard_is_the_true_level_for_a_perfect_estimate():
+    rng = np.random.default_rng(2)
+    stems = {stem: rng.standard_normal((2, 4000)) for stem in STEMS}
+    vocals, accompaniment, _ = generalisation.mix_at_level(stems, 6.0)
+    assert generalisation.heard_level_db({"vocals": vocals, "no_vocals": accompaniment}) == pytest.approx(6.0, abs=1e-3)
+
+
 @pytest.mark.slow
 @needs_flite
 def test_generalisation_reports_the_improvement_per_level(tmp_path):
@@ -171,6 +178,9 @@ def test_generalisation_reports_the_improvement_per_level(tmp_path):
     every = [value for row in results["levels"].values() for stem in row.values() for value in stem["tracks"]]
     assert results["min_improvement_db"] == min(every) and np.isfinite(every).all()
     assert "| +12 dB |" in result.stdout
+    heard = results["heard_level_db"]
+    assert list(heard) == ["+0 dB", "+12 dB"] and all(len(row["tracks"]) == 1 for row in heard.values())
+    assert heard["+12 dB"]["mean"] > heard["+0 dB"]["mean"]  # a louder voice is heard louder, if not by 12 dB
     # the voice alone (also repitched) and the accompaniment alone: a score per song for the estimate of that stem
     alone = ("vocals", "accompaniment", "vocals -4 st", "vocals +4 st")
     assert all(len(results["alone"][name]["tracks"]) == 1 and np.isfinite(results["alone"][name]["mean"])

@@ -2,10 +2,10 @@
 demucs' htdemucs_ft takes each source from its own fine-tuned model. The bundled four-stem model is one: its vocals
 are the vocals model's, its drums, bass and other another network's.
 
-When the bag's stems make up the whole mixture (vocals, drums, bass, other), `last_shares_rest` makes them sum to
-it: the last member's stems share what the others leave of the mixture, each in proportion to its own estimate's
-magnitude in every time-frequency bin (the masks re-derived from the estimates, as a Wiener filter does, with
-magnitudes rather than powers). The others' stems stay as their members give them.
+When the bag's stems make up the whole mixture (vocals, drums, bass, other), `sharing_members` makes them sum to
+it: the last that many members' stems share what the members before them leave of the mixture, each in proportion
+to its own estimate's magnitude in every time-frequency bin (the masks re-derived from the estimates, as a Wiener
+filter does, with magnitudes rather than powers). The other members' stems stay as they give them.
 
 A bag behaves as one model (`stems`, `config`, `sample_rate`, `forward`, `separate_spectrogram`), so separation,
 evaluation, int8 and ONNX export take it as they take a BSMamba2. Its `config` is its first member's with the bag's
@@ -29,7 +29,7 @@ TINY_POWER = 1e-20
 
 
 class BagOfModels(nn.Module):
-    def __init__(self, members: list[BSMamba2], stems: list[str], last_shares_rest: bool = False):
+    def __init__(self, members: list[BSMamba2], stems: list[str], sharing_members: int = 0):
         super().__init__()
         given = [stem for member in members for stem in member.stems]
         if sorted(given) != sorted(stems) or len(set(given)) != len(given):
@@ -40,9 +40,11 @@ class BagOfModels(nn.Module):
             if differing:
                 raise BSMamba2Error(f"a bag's members must share their audio settings (they differ in "
                                     f"{', '.join('audio.' + key for key in differing)})")
+        if not 0 <= sharing_members <= len(members):
+            raise BSMamba2Error(f"a bag of {len(members)} members cannot have {sharing_members} sharing the rest")
         self.members = nn.ModuleList(members)
         self.stems = list(stems)
-        self.last_shares_rest = last_shares_rest
+        self.sharing_members = sharing_members
         self.order = [given.index(stem) for stem in stems]  # from the members' stems, in turn, to the bag's order
         self.config = copy.deepcopy(members[0].config)
         self.config.model.stems = list(stems)
@@ -60,10 +62,12 @@ class BagOfModels(nn.Module):
         """As `BSMamba2.separate_spectrogram`: each member's stems, in the bag's order."""
         # the members return (t, f)-ordered memory seen as (f, t): joined in that order, so no copy reorders it
         outputs = [member.separate_spectrogram(spec).transpose(3, 4) for member in self.members]
-        if self.last_shares_rest:
-            rest = spec.transpose(2, 3) - sum(output.sum(dim=1) for output in outputs[:-1])  # (b, c, t, f, 2)
-            magnitudes = outputs[-1].square().sum(dim=-1, keepdim=True).clamp_min(TINY_POWER).sqrt()
-            outputs[-1] = magnitudes / magnitudes.sum(dim=1, keepdim=True) * rest.unsqueeze(1)
+        if self.sharing_members:
+            kept = len(outputs) - self.sharing_members
+            rest = spec.transpose(2, 3) - sum(output.sum(dim=1) for output in outputs[:kept])  # (b, c, t, f, 2)
+            sharing = torch.cat(outputs[kept:], dim=1)
+            magnitudes = sharing.square().sum(dim=-1, keepdim=True).clamp_min(TINY_POWER).sqrt()
+            outputs = outputs[:kept] + [magnitudes / magnitudes.sum(dim=1, keepdim=True) * rest.unsqueeze(1)]
         stems = torch.cat(outputs, dim=1)
         return stems[:, self.order].transpose(3, 4)
 
